@@ -1,0 +1,88 @@
+"""The one interface every engine implements: a batch of requests in, a batch of responses out.
+
+Engines are transports (API, vLLM, HF transformers, embedded). They know nothing of datasets, retries,
+parsing or caching: the operator owns all of that, once, above them.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from vlmtag.images import EncodedImage
+
+
+@dataclass(frozen=True)
+class Request:
+    """One image to tag: the prepared image plus the two prompt texts."""
+
+    image: EncodedImage
+    system_prompt: str
+    user_text: str
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class Response:
+    """The outcome of one attempt at one request.
+
+    Exactly one of `text` / `error` is set. `retryable` and `retry_after` classify a failure; the
+    operator decides whether to spend another attempt on it.
+    """
+
+    text: str | None = None
+    error: str | None = None
+    retryable: bool = False
+    retry_after: float | None = None
+    status: int | None = None
+    usage: Usage = field(default_factory=Usage)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class EngineSettings:
+    """Everything an engine may need, taken from the operator's arguments."""
+
+    model: str
+    kind: str  # "api" | "embedded" | "hf" | "vllm"
+    model_params: dict[str, Any] = field(default_factory=dict)
+    sampling_params: dict[str, Any] = field(default_factory=dict)
+    api_endpoint: str | None = None
+    response_path: str | None = None
+    concurrency: int = 32
+    json_schema: dict[str, Any] | None = None
+    max_pixels: int = 802_816
+    max_requests_per_minute: float | None = None
+    max_tokens_per_minute: float | None = None
+
+
+class EngineError(RuntimeError):
+    """An engine cannot be built or used at all (bad settings, missing model, missing extra)."""
+
+
+class Engine(abc.ABC):
+    """Batch-in/batch-out inference. Thread-safe: executors may call `generate` from several threads."""
+
+    kind: str = "abstract"
+
+    @abc.abstractmethod
+    def generate(self, requests: Sequence[Request]) -> list[Response]:
+        """Return one `Response` per request, same order. Per-request failures are responses, not raises."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release clients, threads or models."""
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
