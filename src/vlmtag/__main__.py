@@ -1,0 +1,5 @@
+import sys
+
+from vlmtag.cli import main
+
+sys.exit(main())

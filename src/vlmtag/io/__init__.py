@@ -1,0 +1,7 @@
+"""Dataset I/O: rows in, rows out, in bounded batches. The format comes from the file extension."""
+
+from vlmtag.io.base import RowWriter, UnsupportedFormat, format_of
+from vlmtag.io.readers import read_batches
+from vlmtag.io.writers import open_writer
+
+__all__ = ["RowWriter", "UnsupportedFormat", "format_of", "open_writer", "read_batches"]

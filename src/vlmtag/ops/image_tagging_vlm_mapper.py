@@ -1,0 +1,460 @@
+"""`image_tagging_vlm_mapper`: tag every image of a sample with a vision-language model.
+
+The operator turns a batch of samples into requests (one per distinct image and prompt), asks its engine,
+retries what failed within the `try_num` budget, parses the answers into tags and writes them into the
+sample's meta field, aligned with the sample's `images`. It opens no dataset files and knows nothing of
+executors or caches: rows come in, the same rows go out, in the same order.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import importlib.util
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from tenacity import Retrying, retry_if_result, stop_after_attempt, wait_exponential_jitter
+
+from vlmtag.engines import Engine, EngineSettings, Request, Response, create_engine
+from vlmtag.errors import ConfigError, config_error
+from vlmtag.images import EncodedImage, FetchLimits, ImageError, load_image
+from vlmtag.ops.registry import register
+from vlmtag.prompts import (
+    DEFAULT_EOC_TOKEN,
+    DEFAULT_IMAGE_TOKEN,
+    DEFAULT_INPUT_TEMPLATE,
+    DEFAULT_SYSTEM_PROMPT,
+    clean_text,
+    fill_template,
+)
+from vlmtag.stats import TaggingStats
+from vlmtag.tags import TagParseError, parse_output, tags_json_schema
+
+log = logging.getLogger(__name__)
+
+META_KEY = "__dj__meta__"
+DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
+# Data-Juicer's generic op arguments: accepted so its recipes run unchanged, but they change nothing here.
+DATA_JUICER_OP_ARGS = frozenset(
+    {
+        "accelerator", "num_proc", "cpu_required", "mem_required", "gpu_required", "num_cpus", "num_gpus",
+        "memory", "runtime_np", "turbo", "skip_op_error", "auto_op_parallelism", "work_dir", "audio_key",
+        "video_key", "query_key", "response_key", "history_key", "index_key", "enable_vllm",
+    }
+)
+_AUTH_STATUSES = frozenset({401, 403, 404})
+_MAX_RETRY_AFTER = 300.0
+
+
+class RunAborted(RuntimeError):
+    """Stop the whole run: the engine is failing for everything, so more rows would only be more error rows."""
+
+
+class TaggerOptions(BaseModel):
+    """vlmtag's own operator options (keyword arguments beyond Data-Juicer's signature)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    concurrency: int = Field(32, ge=1, description="API requests in flight")
+    batch_size: int = Field(256, ge=1, description="samples per batch")
+    max_pixels: int = Field(802_816, ge=28 * 28, description="images are downscaled to at most this many pixels")
+    max_tags: int = Field(10, ge=1)
+    max_tag_length: int = Field(50, ge=1)
+    image_key: str = "images"
+    image_bytes_key: str = "image_bytes"
+    text_key: str = "text"
+    image_special_token: str = DEFAULT_IMAGE_TOKEN
+    eoc_special_token: str = DEFAULT_EOC_TOKEN
+    json_schema: bool = False
+    engine: Optional[Literal["api", "vllm", "hf", "embedded"]] = None
+    max_requests_per_minute: Optional[float] = Field(None, gt=0)
+    max_tokens_per_minute: Optional[float] = Field(None, gt=0)
+    retry_backoff: float = Field(1.0, ge=0, description="first retry wait in seconds (doubles, with jitter)")
+    max_backoff: float = Field(60.0, ge=0)
+    fail_fast: bool = True
+    image_workers: int = Field(16, ge=1, description="threads that read and resize images")
+    fetch_timeout: float = Field(30.0, gt=0, description="seconds to read an image URL")
+    max_image_bytes: int = Field(50 * 1024 * 1024, ge=1)
+
+
+class _Options(TaggerOptions):
+    try_num: int = Field(3, ge=1)
+    model_params: dict[str, Any] = {}
+    sampling_params: dict[str, Any] = {}
+    api_or_hf_model: str = DEFAULT_MODEL
+    tag_field_name: str = Field("image_tags", min_length=1)
+    api_endpoint: Optional[str] = None
+    response_path: Optional[str] = None
+    system_prompt: Optional[str] = None
+    input_template: Optional[str] = None
+    is_api_model: bool = False
+
+
+def _vllm_usable() -> bool:
+    if importlib.util.find_spec("vllm") is None or importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_engine_kind(model: str, is_api_model: bool, engine: str | None) -> str:
+    """api for API models; embedded for `builtin:` names; else vLLM on a CUDA machine with vLLM, else HF."""
+    if is_api_model or engine == "api":
+        if engine not in (None, "api"):
+            raise ConfigError(f"image_tagging_vlm_mapper: engine={engine!r} conflicts with is_api_model=true")
+        return "api"
+    if model.startswith("builtin:"):
+        if engine not in (None, "embedded"):
+            raise ConfigError(f"image_tagging_vlm_mapper: engine={engine!r} cannot run the built-in model {model!r}")
+        return "embedded"
+    if engine == "embedded":
+        raise ConfigError(
+            f"image_tagging_vlm_mapper: engine='embedded' needs a built-in model name (builtin:...), got {model!r}"
+        )
+    if engine:
+        return engine
+    return "vllm" if _vllm_usable() else "hf"
+
+
+@dataclass
+class _Outcome:
+    tags: list[str] | None = None
+    error: str | None = None
+
+
+class _Breaker:
+    """Decides when failures mean the run itself is broken (bad key, wrong model, server down)."""
+
+    def __init__(self, window: int = 100, min_seen: int = 50, ratio: float = 0.95) -> None:
+        self._lock = threading.Lock()
+        self._recent: collections.deque[bool] = collections.deque(maxlen=window)
+        self._min_seen, self._ratio = min_seen, ratio
+        self._successes = 0
+        self._early: list[tuple[int | None, str]] = []
+
+    def record(self, ok: bool, response: Response | None = None, error: str = "") -> None:
+        with self._lock:
+            self._recent.append(ok)
+            if ok:
+                self._successes += 1
+            elif response is not None and self._successes == 0 and len(self._early) < 3:
+                self._early.append((response.status if not response.retryable else None, error))
+
+    def check(self) -> None:
+        with self._lock:
+            if self._successes == 0 and len(self._early) == 3:
+                statuses = {s for s, _ in self._early}
+                (status,) = statuses if len(statuses) == 1 else (None,)
+                if status in _AUTH_STATUSES:
+                    raise RunAborted(f"the first requests all failed with the same error: {self._early[0][1]}")
+            failures = self._recent.count(False)
+            if len(self._recent) >= self._min_seen and failures >= self._ratio * len(self._recent):
+                raise RunAborted(f"{failures} of the last {len(self._recent)} images failed; stopping the run")
+
+
+@register("image_tagging_vlm_mapper")
+class ImageTaggingVLMMapper:
+    """Tag images with a vision-language model; tags go to `sample["__dj__meta__"][tag_field_name]`.
+
+    The signature is Data-Juicer's. Extra keyword arguments are vlmtag's own options (`TaggerOptions`):
+    `concurrency`, `batch_size`, `max_pixels`, `max_tags`, `max_tag_length`, `image_key`, `image_bytes_key`,
+    `text_key`, `json_schema`, `engine`, `max_requests_per_minute`, `max_tokens_per_minute`, `retry_backoff`,
+    `fail_fast`, ... Data-Juicer's generic op arguments (`num_proc`, `accelerator`, ...) are accepted and ignored;
+    any other name is a `ConfigError`. Building the operator never touches the network or loads a model.
+    """
+
+    def __init__(
+        self,
+        api_or_hf_model: str = DEFAULT_MODEL,
+        is_api_model: bool = False,
+        *,
+        tag_field_name: str = "image_tags",
+        api_endpoint: str | None = None,
+        response_path: str | None = None,
+        system_prompt: str | None = None,
+        input_template: str | None = None,
+        model_params: dict | None = None,
+        sampling_params: dict | None = None,
+        try_num: int = 3,
+        **kwargs: Any,
+    ) -> None:
+        ignored = {k: kwargs.pop(k) for k in list(kwargs) if k in DATA_JUICER_OP_ARGS}
+        self.num_proc = ignored.get("num_proc")
+        try:
+            opts = _Options(
+                api_or_hf_model=api_or_hf_model,
+                is_api_model=is_api_model,
+                tag_field_name=tag_field_name,
+                api_endpoint=api_endpoint,
+                response_path=response_path,
+                system_prompt=system_prompt,
+                input_template=input_template,
+                model_params=model_params or {},
+                sampling_params=sampling_params or {},
+                try_num=try_num,
+                **kwargs,
+            )
+        except ValidationError as e:
+            raise config_error(e, "image_tagging_vlm_mapper", _Options.model_fields) from None
+        self.options = opts
+        self.tag_field_name = opts.tag_field_name
+        self.error_field_name = opts.tag_field_name + "_errors"
+        self.system_prompt = opts.system_prompt if opts.system_prompt is not None else DEFAULT_SYSTEM_PROMPT
+        self.input_template = opts.input_template if opts.input_template is not None else DEFAULT_INPUT_TEMPLATE
+        self.engine_kind = resolve_engine_kind(opts.api_or_hf_model, opts.is_api_model, opts.engine)
+        self.json_schema = tags_json_schema(opts.max_tags, opts.max_tag_length) if opts.json_schema else None
+        self.stats = TaggingStats()
+        self._engine: Engine | None = None
+        self._engine_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._breaker = _Breaker()
+        self._fetch_limits = FetchLimits(read_timeout=opts.fetch_timeout, max_bytes=opts.max_image_bytes)
+        self._backoff = wait_exponential_jitter(
+            initial=opts.retry_backoff, max=opts.max_backoff, jitter=opts.retry_backoff
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    def engine_settings(self) -> EngineSettings:
+        o = self.options
+        return EngineSettings(
+            model=o.api_or_hf_model,
+            kind=self.engine_kind,
+            model_params=dict(o.model_params),
+            sampling_params=dict(o.sampling_params),
+            api_endpoint=o.api_endpoint,
+            response_path=o.response_path,
+            concurrency=o.concurrency,
+            json_schema=self.json_schema,
+            max_pixels=o.max_pixels,
+            max_requests_per_minute=o.max_requests_per_minute,
+            max_tokens_per_minute=o.max_tokens_per_minute,
+        )
+
+    @property
+    def engine(self) -> Engine:
+        """The engine, built on first use (so constructing the operator stays cheap and offline)."""
+        with self._engine_lock:
+            if self._engine is None:
+                self._engine = create_engine(self.engine_settings())
+            return self._engine
+
+    def setup(self) -> None:
+        """Build the engine now, so a bad setting fails before any data is read."""
+        _ = self.engine
+
+    def close(self) -> None:
+        with self._engine_lock:
+            if self._engine is not None:
+                self._engine.close()
+                self._engine = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    # -- parsing -----------------------------------------------------------------------------------------------
+
+    def parse_output(self, raw: str) -> list[str]:
+        """Normalised tags from one raw model answer; raises `TagParseError` (a ValueError) when there are none."""
+        return parse_output(raw, max_tags=self.options.max_tags, max_tag_length=self.options.max_tag_length)
+
+    # -- Data-Juicer entry points -----------------------------------------------------------------------------
+
+    def process_single(self, sample: dict, *, base_dir: str | None = None) -> dict:
+        batch = {k: [v] for k, v in sample.items()}
+        out = self.process_batched(batch, base_dir=base_dir)
+        return {k: v[0] for k, v in out.items()}
+
+    def process_batched(self, samples: dict[str, list], *, base_dir: str | None = None) -> dict[str, list]:
+        """Tag a batch in Data-Juicer's columnar form. Relative image paths resolve against `base_dir`."""
+        o = self.options
+        n = max((len(v) for v in samples.values()), default=0)
+        metas = samples.get(META_KEY) or [None] * n
+        samples[META_KEY] = self.tag_columns(
+            images=samples.get(o.image_key) or [None] * n,
+            texts=samples.get(o.text_key) or [None] * n,
+            image_bytes=samples.get(o.image_bytes_key) or [None] * n,
+            metas=metas,
+            base_dir=base_dir,
+        )
+        return samples
+
+    def process_rows(self, rows: list[dict], *, base_dir: str | None = None) -> list[dict]:
+        """Tag a list of row dicts (the executors' form); each row keeps exactly its own keys, plus the meta."""
+        o = self.options
+        metas = self.tag_columns(
+            images=[r.get(o.image_key) for r in rows],
+            texts=[r.get(o.text_key) for r in rows],
+            image_bytes=[r.get(o.image_bytes_key) for r in rows],
+            metas=[r.get(META_KEY) for r in rows],
+            base_dir=base_dir,
+        )
+        for row, meta in zip(rows, metas):
+            row[META_KEY] = meta
+        return rows
+
+    # -- the work ----------------------------------------------------------------------------------------------
+
+    def tag_columns(
+        self,
+        *,
+        images: Sequence[Any],
+        texts: Sequence[Any],
+        image_bytes: Sequence[Any],
+        metas: Sequence[Any],
+        base_dir: str | None,
+    ) -> list[Any]:
+        """Return the new meta column: for each row, its meta dict with the tag and error fields set."""
+        o = self.options
+        tokens = (o.image_special_token, o.eoc_special_token)
+        new_metas: list[Any] = []
+        distinct: dict[tuple, int] = {}  # image key -> index in `sources`
+        sources: list[str | bytes | _BadEntry] = []
+        requests: dict[tuple[int, str], int] = {}  # (image index, prompt) -> request index
+        slots: list[tuple[int, int, int]] = []  # (row, position in images, request index)
+        skipped = 0
+        for i, meta in enumerate(metas):
+            meta = {} if meta is None else meta
+            if not isinstance(meta, dict) or self.tag_field_name in meta:
+                skipped += 1
+                new_metas.append(meta)
+                continue
+            meta = dict(meta)
+            new_metas.append(meta)
+            row_images = images[i] if isinstance(images[i], list) else ([] if images[i] is None else [images[i]])
+            row_bytes = image_bytes[i] if isinstance(image_bytes[i], list) else []
+            if not row_images and row_bytes:
+                row_images = [None] * len(row_bytes)
+            meta[self.tag_field_name] = [[] for _ in row_images] or [[]]
+            meta[self.error_field_name] = [None] * len(meta[self.tag_field_name])
+            if not row_images:
+                continue
+            prompt = fill_template(self.input_template, clean_text(texts[i], tokens))
+            for j, path in enumerate(row_images):
+                raw = row_bytes[j] if j < len(row_bytes) and row_bytes[j] is not None else None
+                source, key = _source_and_key(path, raw, base_dir, (i, j))
+                img = distinct.setdefault(key, len(sources))
+                if img == len(sources):
+                    sources.append(source)
+                slots.append((i, j, requests.setdefault((img, prompt), len(requests))))
+        self.stats.add(rows=len(metas), rows_skipped=skipped, images=len(slots))
+
+        loaded = self._load_images(sources, base_dir)
+        outcomes = self._run_requests(
+            [(loaded[img], prompt) for (img, prompt) in requests]  # dicts keep insertion order
+        )
+        for i, j, r in slots:
+            outcome = outcomes[r]
+            meta = new_metas[i]
+            if outcome.tags is not None:
+                meta[self.tag_field_name][j] = list(outcome.tags)
+                self.stats.add(tagged=1)
+            else:
+                meta[self.error_field_name][j] = outcome.error
+                self.stats.add_failure(outcome.error or "error")
+        return new_metas
+
+    def _load_images(self, sources: list[str | bytes | _BadEntry], base_dir: str | None) -> list[EncodedImage | str]:
+        def load(source: str | bytes | _BadEntry) -> EncodedImage | str:
+            if isinstance(source, _BadEntry):
+                return source.error
+            try:
+                return load_image(source, base_dir=base_dir, max_pixels=self.options.max_pixels, limits=self._fetch_limits)
+            except ImageError as e:
+                return str(e)
+
+        if len(sources) <= 1:
+            return [load(s) for s in sources]
+        if self._pool is None:
+            with self._engine_lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self.options.image_workers, thread_name_prefix="vlmtag-image")
+        return list(self._pool.map(load, sources))
+
+    def _run_requests(self, items: list[tuple[EncodedImage | str, str]]) -> list[_Outcome]:
+        """Send each loadable image to the engine, spending up to `try_num` attempts on each."""
+        outcomes = [_Outcome(error=img) if isinstance(img, str) else _Outcome() for img, _ in items]
+        pending = [k for k, (img, _) in enumerate(items) if not isinstance(img, str)]
+        if not pending:
+            return outcomes
+        reqs = {k: Request(image=items[k][0], system_prompt=self.system_prompt, user_text=items[k][1]) for k in pending}
+        attempts = dict.fromkeys(pending, 0)
+        last: dict[int, Response] = {}
+        retry_after = [0.0]
+
+        def one_round() -> list[int]:
+            nonlocal pending
+            responses = self.engine.generate([reqs[k] for k in pending])
+            retry_after[0] = 0.0
+            still: list[int] = []
+            for k, resp in zip(pending, responses):
+                attempts[k] += 1
+                self.stats.add(requests=1, retries=int(attempts[k] > 1),
+                               prompt_tokens=resp.usage.prompt_tokens, completion_tokens=resp.usage.completion_tokens)
+                if resp.ok:
+                    try:
+                        outcomes[k].tags = self.parse_output(resp.text or "")
+                        self._breaker.record(True)
+                        continue
+                    except TagParseError as e:
+                        resp = Response(error=f"unparsable answer: {e}", retryable=True, usage=resp.usage)
+                last[k] = resp
+                if resp.retryable and attempts[k] < self.options.try_num:
+                    still.append(k)
+                    retry_after[0] = max(retry_after[0], min(resp.retry_after or 0.0, _MAX_RETRY_AFTER))
+                else:
+                    self._finish_failure(k, resp, attempts[k], outcomes)
+            pending = still
+            if self.options.fail_fast:
+                self._breaker.check()
+            return still
+
+        def wait(state: Any) -> float:
+            return max(self._backoff(state), retry_after[0])
+
+        Retrying(
+            stop=stop_after_attempt(self.options.try_num),
+            wait=wait,
+            retry=retry_if_result(bool),
+            retry_error_callback=lambda state: state.outcome.result(),
+        )(one_round)
+        return outcomes
+
+    def _finish_failure(self, k: int, resp: Response, attempts: int, outcomes: list[_Outcome]) -> None:
+        error = resp.error or "error"
+        if attempts > 1:
+            error = f"{error} (after {attempts} attempts)"
+        outcomes[k].error = error
+        self._breaker.record(False, resp, error)
+
+
+@dataclass(frozen=True)
+class _BadEntry:
+    error: str
+
+
+def _source_and_key(path: Any, raw: Any, base_dir: str | None, where: tuple[int, int]) -> tuple[Any, tuple]:
+    """What to load for one entry of `images`, and the key that makes identical images load once."""
+    if raw is not None:
+        if isinstance(raw, dict):  # Hugging Face `datasets` image column: {"bytes": ..., "path": ...}
+            raw = raw.get("bytes")
+        if isinstance(raw, (bytes, bytearray, memoryview)):
+            data = bytes(raw)
+            return data, ("bytes", hashlib.sha256(data).digest())
+        return _BadEntry(f"bad image bytes entry: expected bytes, got {type(raw).__name__}"), ("bad", where)
+    if isinstance(path, str) and path:
+        return path, ("path", _resolve(path, base_dir))
+    return _BadEntry(f"bad image entry: expected a path or URL, got {path!r:.40}"), ("bad", where)
+
+
+def _resolve(path: str, base_dir: str | None) -> str:
+    if "://" in path or base_dir is None or os.path.isabs(path):
+        return path
+    return os.path.normpath(os.path.join(base_dir, path))
