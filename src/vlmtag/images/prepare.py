@@ -1,39 +1,315 @@
-"""STUB - being written. Decode, orient, RGB, downscale to max_pixels, encode once."""
+"""Decode once, orient, convert to RGB, downscale to ``max_pixels``, encode once.
+
+Output is always a baseline JPEG (quality 90, 4:2:0 chroma, no metadata), labelled ``image/jpeg``; the one
+exception is the pass-through below, which sends the source bytes unchanged (they are a JPEG as well).
+
+Three ways through, cheapest first:
+
+1. Pass-through: a colour (YCbCr) JPEG already within ``max_pixels``, with no EXIF block at all (so nothing to
+   rotate and no camera/GPS metadata to leak) and no bloat (at most ~1 byte per pixel), is checked by a
+   1/8-scale decode (which still reads every entropy-coded byte, so a truncated file is caught) and sent as is:
+   no generation loss, about half the cost of decode + encode.
+2. JPEG fast path: libjpeg-turbo (simplejpeg) decodes at the smallest DCT scale (1/8 ... 8/8) still at least the
+   target size, OpenCV ``INTER_AREA`` resizes the rest of the way, the EXIF orientation (read by Pillow from the
+   header, without decoding) is applied with a numpy flip/rotate of the small image, and simplejpeg encodes.
+3. Everything else (PNG, WebP, GIF, TIFF, BMP, CMYK JPEGs, JPEGs that libjpeg-turbo only decodes with
+   warnings): Pillow, with ``draft()`` shrink-on-load for JPEGs, the mode conversions below, then the same resize,
+   orientation and encoder.
+
+Mode conversions: transparency (RGBA, LA, P with a transparent index, ...) is composited on white; CMYK, YCbCr,
+1-bit and L become RGB; 16-bit and 32-bit integer images are scaled from their range (65535 -> 255) rather than
+clipped; float images in [0, 1] are scaled by 255, others clipped to [0, 255] or, outside that range, stretched
+from their minimum and maximum. Colour profiles (ICC) are not applied. Animated images give their first frame.
+"""
+
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
-from dataclasses import dataclass
+import math
+import re
+from dataclasses import dataclass, field
 
+import cv2
+import numpy as np
+import simplejpeg
+from PIL import Image, UnidentifiedImageError
 
-class ImageError(ValueError):
-    """A per-image failure with a short, clear reason (str(e))."""
+from vlmtag.images.fetch import FetchLimits, ImageError, read_source
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "EncodedImage",
+    "ImageError",
+    "JPEG_QUALITY",
+    "MAX_SOURCE_PIXELS",
+    "load_image",
+    "max_pixels_for_short_side",
+    "prepare_image",
+]
+
+DEFAULT_MAX_PIXELS = 802_816  # 1024 visual tokens of 28x28 pixels (Qwen2.5-VL)
+JPEG_QUALITY = 90
+# Largest decoded image accepted (width * height), checked from the header before any pixel is decoded.
+# Pillow's own default; Pillow itself also refuses images over twice its Image.MAX_IMAGE_PIXELS.
+MAX_SOURCE_PIXELS = 89_478_485
+# Formats we decode. Others Pillow can identify (EPS, which runs Ghostscript; PDF; ...) are refused.
+ALLOWED_FORMATS = frozenset(
+    {"JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "DIB", "TIFF", "PPM", "TGA", "ICO", "AVIF", "HEIF", "JPEG2000",
+     "PCX", "SGI", "QOI", "PSD", "DDS"}
+)
+_PASSTHROUGH_BYTES_PER_PIXEL = 1.0
+_PASSTHROUGH_SLACK = 16 * 1024  # headers, quantisation and Huffman tables
+_ORIENTATION_TAG = 0x0112
 
 
 @dataclass(frozen=True)
 class EncodedImage:
-    data: bytes
+    """An image ready to send: encoded bytes, their true MIME type and pixel size."""
+
+    data: bytes = field(repr=False)
     mime: str
     width: int
     height: int
+    source_sha256: str = ""  # hex SHA-256 of the original raw bytes (a cache key); "" when unknown
 
     def data_url(self) -> str:
         return f"data:{self.mime};base64," + base64.b64encode(self.data).decode("ascii")
 
 
-def prepare_image(raw: bytes, *, max_pixels: int = 802_816) -> EncodedImage:
-    from PIL import Image
+def max_pixels_for_short_side(width: int, height: int, short_side: int) -> int:
+    """The ``max_pixels`` at which a ``width`` x ``height`` image comes out with its short side = ``short_side``."""
+    if min(width, height, short_side) < 1:
+        raise ValueError("width, height and short_side must be positive")
+    short, long = sorted((width, height))
+    return short_side * math.ceil(long * short_side / short)
+
+
+def target_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """The largest size with the same aspect ratio and at most ``max_pixels`` pixels; never larger than the input."""
+    if width * height <= max_pixels:
+        return width, height
+    scale = math.sqrt(max_pixels / (width * height))
+    w, h = max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
+    while w * h > max_pixels:  # floating-point slack; at most a step or two
+        if w * height >= h * width:
+            w -= 1
+        else:
+            h -= 1
+    return max(1, w), max(1, h)
+
+
+def prepare_image(
+    raw: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_source_pixels: int = MAX_SOURCE_PIXELS
+) -> EncodedImage:
+    """Decode ``raw``, apply EXIF orientation, convert to RGB, downscale to at most ``max_pixels``, encode once."""
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be at least 1, got {max_pixels}")
+    raw = bytes(raw)
+    if not raw:
+        raise ImageError("empty file")
+    digest = hashlib.sha256(raw).hexdigest()
+    im = _open(raw, max_source_pixels)
+    if im.format in ("JPEG", "MPO"):
+        done = _prepare_jpeg(raw, im, max_pixels)
+        if done is not None:
+            data, width, height = done
+            return EncodedImage(data, "image/jpeg", width, height, digest)
+    arr = _decode_with_pillow(im, max_pixels)
+    data = _encode(arr)
+    return EncodedImage(data, "image/jpeg", arr.shape[1], arr.shape[0], digest)
+
+
+def load_image(
+    source: str | bytes,
+    *,
+    base_dir: str | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    limits: FetchLimits | None = None,
+    max_source_pixels: int = MAX_SOURCE_PIXELS,
+) -> EncodedImage:
+    """``read_source`` (a path, URL or data: URI; raw bytes are used as they are) then ``prepare_image``."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        raw = bytes(source)
+    else:
+        raw = read_source(source, base_dir=base_dir, limits=limits or FetchLimits())
+    return prepare_image(raw, max_pixels=max_pixels, max_source_pixels=max_source_pixels)
+
+
+# ---------------------------------------------------------------------------------------------- opening
+
+
+def _open(raw: bytes, max_source_pixels: int) -> Image.Image:
+    """Pillow's lazy open (header only), with every way it fails turned into an ImageError."""
     try:
         im = Image.open(io.BytesIO(raw))
-        im = im.convert("RGB")
-    except Exception as e:  # stub
-        raise ImageError(f"not a readable image: {e}") from None
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=90)
-    return EncodedImage(buf.getvalue(), "image/jpeg", im.width, im.height)
+    except Image.DecompressionBombError as e:
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        got = f"{m.group(1)} pixels" if m else "too many pixels"
+        raise ImageError(f"image too large: {got} exceeds the limit of {max_source_pixels} (decompression bomb)") from None
+    except UnidentifiedImageError:
+        raise ImageError("not an image (cannot identify format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
+        raise _decode_error(e) from None
+    if im.format not in ALLOWED_FORMATS:
+        raise ImageError(f"unsupported image format {im.format}")
+    width, height = im.size
+    if width < 1 or height < 1:
+        raise ImageError(f"invalid image size {width}x{height}")
+    if width * height > max_source_pixels:
+        raise ImageError(
+            f"image too large: {width}x{height} = {width * height} pixels exceeds the limit of "
+            f"{max_source_pixels} (decompression bomb)"
+        )
+    return im
 
 
-def load_image(source, *, base_dir=None, max_pixels: int = 802_816, limits=None) -> EncodedImage:
-    from vlmtag.images.fetch import FetchLimits, read_source
-    raw = source if isinstance(source, (bytes, bytearray)) else read_source(source, base_dir=base_dir, limits=limits or FetchLimits())
-    return prepare_image(bytes(raw), max_pixels=max_pixels)
+def _decode_error(e: BaseException) -> ImageError:
+    text = str(e)
+    if "truncated" in text or isinstance(e, EOFError) or "premature end" in text.lower():
+        return ImageError("truncated image")
+    text = text.strip() or type(e).__name__
+    return ImageError(f"corrupt image ({text[:100]})")
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        value = im.getexif().get(_ORIENTATION_TAG, 1)
+    except Exception:  # a broken EXIF block is no reason to drop the image
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _has_exif(im: Image.Image) -> bool:
+    try:
+        return bool(im.getexif()) or "exif" in im.info
+    except Exception:
+        return True
+
+
+# ---------------------------------------------------------------------------------------------- JPEG fast path
+
+
+def _prepare_jpeg(raw: bytes, im: Image.Image, max_pixels: int) -> tuple[bytes, int, int] | None:
+    """libjpeg-turbo decode at reduced DCT scale; None when Pillow should take over (CMYK, warnings, ...)."""
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(raw)
+    except ValueError:
+        return None
+    if colorspace not in ("YCbCr", "Gray", "RGB") or (width, height) != im.size:
+        return None
+    orientation = _orientation(im)
+    if (
+        width * height <= max_pixels
+        and colorspace == "YCbCr"
+        and orientation == 1
+        and len(raw) <= _PASSTHROUGH_SLACK + _PASSTHROUGH_BYTES_PER_PIXEL * width * height
+        and not _has_exif(im)
+    ):
+        try:
+            simplejpeg.decode_jpeg(raw, colorspace="GRAY", min_factor=8, strict=True)  # reads every byte
+        except ValueError:
+            return None
+        return raw, width, height
+    tw, th = target_size(width, height, max_pixels)
+    try:
+        arr = simplejpeg.decode_jpeg(raw, colorspace="RGB", min_width=tw, min_height=th, strict=True)
+    except ValueError:
+        return None
+    arr = _orient(_resize(arr, tw, th), orientation)
+    return _encode(arr), arr.shape[1], arr.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------- Pillow path
+
+
+def _decode_with_pillow(im: Image.Image, max_pixels: int) -> np.ndarray:
+    tw, th = target_size(*im.size, max_pixels)
+    try:
+        if (tw, th) != im.size and im.format in ("JPEG", "MPO"):
+            im.draft(None, (tw, th))  # shrink-on-load by 1/2, 1/4 or 1/8, still >= the target
+        im.load()
+    except Image.DecompressionBombError:
+        raise ImageError("image too large (decompression bomb)") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError) as e:
+        raise _decode_error(e) from None
+    orientation = _orientation(im)  # after load: PNG may keep its eXIf chunk after the pixels
+    arr = _to_rgb(im)
+    return _orient(_resize(arr, tw, th), orientation)
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    """Any Pillow mode as an H x W x 3 uint8 RGB array."""
+    mode = im.mode
+    try:
+        if mode == "RGB" and "transparency" not in im.info:
+            return np.asarray(im)
+        if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info or (
+            mode == "P" and im.palette is not None and im.palette.mode == "RGBA"
+        ):
+            rgba = im.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+        if mode == "I" or mode.startswith("I;16") or mode == "F":
+            return _gray_to_rgb(_to_uint8(np.asarray(im), mode))
+        if mode == "1":
+            return _gray_to_rgb(np.asarray(im.convert("L")))
+        if mode == "L":
+            return _gray_to_rgb(np.asarray(im))
+        return np.asarray(im.convert("RGB"))  # P, CMYK, YCbCr, LAB, HSV, ...
+    except (ValueError, OSError) as e:
+        raise ImageError(f"unsupported colour mode {mode} ({e})") from None
+
+
+def _to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
+    """Deep (16/32-bit integer, float) gray values to 0..255, by their range rather than by clipping."""
+    if mode.startswith("I;16"):
+        return ((a.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if mode == "F" and lo >= 0.0 and hi <= 1.0:
+        a = a * 255.0
+    elif lo >= 0.0 and hi <= 255.0:
+        pass
+    elif mode == "I" and lo >= 0.0 and hi <= 65535.0:
+        a = a / 257.0
+    else:
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+
+def _gray_to_rgb(a: np.ndarray) -> np.ndarray:
+    return np.repeat(a[:, :, None], 3, axis=2)
+
+
+# ---------------------------------------------------------------------------------------------- shared steps
+
+
+def _resize(arr: np.ndarray, width: int, height: int) -> np.ndarray:
+    if arr.shape[1] == width and arr.shape[0] == height:
+        return arr
+    return cv2.resize(arr, (width, height), interpolation=cv2.INTER_AREA)
+
+
+def _orient(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """EXIF orientation 1..8 applied to an H x W x C array, as ``ImageOps.exif_transpose`` does."""
+    if orientation == 2:
+        return arr[:, ::-1]
+    if orientation == 3:
+        return arr[::-1, ::-1]
+    if orientation == 4:
+        return arr[::-1]
+    if orientation == 5:
+        return arr.transpose(1, 0, 2)
+    if orientation == 6:
+        return np.rot90(arr, -1)
+    if orientation == 7:
+        return arr[::-1, ::-1].transpose(1, 0, 2)
+    if orientation == 8:
+        return np.rot90(arr, 1)
+    return arr
+
+
+def _encode(arr: np.ndarray) -> bytes:
+    return simplejpeg.encode_jpeg(np.ascontiguousarray(arr), quality=JPEG_QUALITY, colorsubsampling="420")
