@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING,
                         format="vlmtag: %(levelname)s: %(message)s")
-    console = Console(stderr=False, quiet=args.quiet)
+    console = Console(quiet=args.quiet, soft_wrap=True)
     try:
         return _run(args, console)
     except (ConfigError, EngineError) as e:
