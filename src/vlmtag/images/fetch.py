@@ -220,7 +220,7 @@ def _read_http(url: str, limits: FetchLimits) -> bytes:
                 if declared.isdigit() and int(declared) > limits.max_bytes:
                     raise ImageError(_too_large(int(declared), limits, shown))
                 body = bytearray()
-                for chunk in resp.iter_bytes(65536):  # decoded bytes: a gzip bomb is bounded too
+                for chunk in resp.iter_bytes():  # as they arrive, decoded: a gzip bomb is bounded too
                     body += chunk
                     if len(body) > limits.max_bytes:
                         raise ImageError(_too_large(None, limits, shown))
