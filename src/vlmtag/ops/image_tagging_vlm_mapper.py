@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from tenacity import Retrying, retry_if_result, stop_after_attempt, wait_exponential_jitter
+from tenacity import Retrying, retry_if_result, stop_after_attempt, wait_exponential, wait_random
 
 from vlmtag.engines import Engine, EngineSettings, Request, Response, create_engine
 from vlmtag.errors import ConfigError, config_error
@@ -216,8 +216,8 @@ class ImageTaggingVLMMapper:
         self._pool: ThreadPoolExecutor | None = None
         self._breaker = _Breaker()
         self._fetch_limits = FetchLimits(read_timeout=opts.fetch_timeout, max_bytes=opts.max_image_bytes)
-        self._backoff = wait_exponential_jitter(
-            initial=opts.retry_backoff, max=opts.max_backoff, jitter=opts.retry_backoff
+        self._backoff = wait_exponential(multiplier=opts.retry_backoff, max=opts.max_backoff) + wait_random(
+            0, opts.retry_backoff
         )
 
     # -- lifecycle -------------------------------------------------------------------------------------------
