@@ -1,0 +1,502 @@
+"""OpenAI-compatible chat completions (vllm serve, SGLang, Ollama, DashScope, OpenAI, ...).
+
+One attempt per request: the operator owns the attempt budget and calls `generate` again for the
+retryable ones, so nothing here retries (httpx has no retries by default and we keep it so).
+
+Requests run concurrently on one private event loop in a background daemon thread, over
+`settings.concurrency` keep-alive connections; that bounds the requests in flight across all
+`generate` calls together, whichever threads they come from.
+
+Each connection is its own single-connection `httpx.AsyncClient` (all sharing one TLS context).
+One client with a pool of N connections would be simpler, but httpcore scans every connection of
+its pool on each request: at 32 connections that caps one core at ~450 requests/s against a
+zero-latency server, where 32 single-connection clients reach ~1,500.
+
+Where a request is built: `build_body`. Where an answer is read: `extract`. Both are pure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import logging
+import math
+import os
+import re
+import threading
+import time
+from typing import Any, Mapping, Sequence
+
+import httpx
+
+from vlmtag.engines.base import Engine, EngineError, EngineSettings, Request, Response, Usage
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ENDPOINT = "/chat/completions"
+DEFAULT_RESPONSE_PATH = "choices.0.message.content"
+DEFAULT_TIMEOUT_S = 120.0
+DEFAULT_MAX_TOKENS = 512
+#: Statuses worth another attempt: request timeout, conflict, rate limit, and every server error.
+RETRYABLE_STATUSES = frozenset({408, 409, 429})
+#: Qwen-VL models spend one visual token per 28x28 pixels; used to estimate a request's tokens.
+PIXELS_PER_TOKEN_SIDE = 28
+
+# model_params keys the API engine understands. `max_retries` is what Data-Juicer passes to its
+# openai.OpenAI client: accepted and ignored, because the operator owns retries (see try_num).
+_KNOWN_PARAMS = frozenset(
+    {"base_url", "api_key", "timeout", "max_retries", "headers", "default_headers", "default_query",
+     "organization", "project"}
+)
+_warned_params: set[str] = set()
+_warned_lock = threading.Lock()
+
+_ERROR_TEXT_LIMIT = 200
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure functions: the request body, the answer, the error text.
+
+
+def max_tokens_of(sampling_params: Mapping[str, Any]) -> int:
+    """The completion budget a body asks for (`max_tokens` or `max_completion_tokens`, else 512)."""
+    for key in ("max_tokens", "max_completion_tokens"):
+        value = sampling_params.get(key)
+        if isinstance(value, (int, float)) and value > 0:
+            return int(value)
+    return DEFAULT_MAX_TOKENS
+
+
+def build_body(request: Request, settings: EngineSettings) -> dict[str, Any]:
+    """The JSON body of one chat completion for one image.
+
+    `{"model", "messages": [system, user], **sampling_params}`, with `max_tokens=512` when the
+    sampling params cap neither `max_tokens` nor `max_completion_tokens`, and a standard
+    `response_format` json_schema when `settings.json_schema` is a dict (unless the sampling params
+    already carry a `response_format`, which wins). The system message is left out when the system
+    prompt is empty.
+    """
+    messages: list[dict[str, Any]] = []
+    if request.system_prompt:
+        messages.append({"role": "system", "content": request.system_prompt})
+    messages.append(
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": request.user_text},
+                {"type": "image_url", "image_url": {"url": request.image.data_url()}},
+            ],
+        }
+    )
+    body: dict[str, Any] = {"model": settings.model, "messages": messages, **settings.sampling_params}
+    if "max_tokens" not in body and "max_completion_tokens" not in body:
+        body["max_tokens"] = DEFAULT_MAX_TOKENS
+    if isinstance(settings.json_schema, dict) and "response_format" not in body:
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "image_tags", "schema": settings.json_schema},
+        }
+    return body
+
+
+class MissingAnswer(ValueError):
+    """The response JSON has nothing (or null) at the response path."""
+
+
+def _path_segments(response_path: str) -> list[str]:
+    segments = [s for s in response_path.strip().split(".") if s != ""]
+    if not segments:
+        raise ValueError(f"empty response_path {response_path!r}")
+    return segments
+
+
+def extract(body_json: Any, response_path: str) -> str:
+    """The answer text at a dot path into the response JSON; integer segments index lists.
+
+    A string is returned as is; a list of content parts (`[{"type": "text", "text": ...}]`) is
+    joined; any other JSON value is returned as JSON text. Raises `MissingAnswer` when a segment is
+    missing or the value is null.
+    """
+    node = body_json
+    for segment in _path_segments(response_path):
+        if isinstance(node, list):
+            try:
+                node = node[int(segment)]
+            except (ValueError, IndexError):
+                raise MissingAnswer(f"no {response_path} in response") from None
+        elif isinstance(node, dict) and segment in node:
+            node = node[segment]
+        else:
+            raise MissingAnswer(f"no {response_path} in response")
+    if node is None:
+        raise MissingAnswer(f"no {response_path} in response (it is null)")
+    if isinstance(node, str):
+        return node
+    if isinstance(node, list) and node and all(isinstance(p, dict) and "text" in p for p in node):
+        return "".join(str(p["text"]) for p in node)
+    return json.dumps(node, ensure_ascii=False)
+
+
+def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
+    """Seconds to wait from `retry-after-ms`, or `Retry-After` as seconds or as an HTTP-date."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+_TAG_RE = re.compile(r"<[^>]*>")
+_SPACE_RE = re.compile(r"\s+")
+
+
+def _shorten(text: str, limit: int = _ERROR_TEXT_LIMIT) -> str:
+    text = _SPACE_RE.sub(" ", text).strip()
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def server_message(content: bytes) -> str:
+    """The server's own words from an error body: `error.message` (or similar) from JSON, else text."""
+    text = content.decode("utf-8", errors="replace")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return _shorten(_TAG_RE.sub(" ", text))
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return _shorten(str(error["message"]))
+        for candidate in (error, data.get("message"), data.get("detail")):
+            if isinstance(candidate, str) and candidate:
+                return _shorten(candidate)
+    return _shorten(text)
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings → a resolved client configuration.
+
+
+def _resolve_url(base_url: str | None, api_endpoint: str | None) -> str:
+    endpoint = (api_endpoint or DEFAULT_ENDPOINT).strip()
+    if endpoint.startswith(("http://", "https://")):
+        return endpoint
+    if not base_url:
+        raise EngineError(
+            "no API base URL: set model_params.base_url (e.g. http://127.0.0.1:8000/v1) or the "
+            "OPENAI_BASE_URL environment variable, or give api_endpoint as a full http(s) URL"
+        )
+    base_url = base_url.strip()
+    if not base_url.startswith(("http://", "https://")):
+        raise EngineError(f"API base URL must start with http:// or https:// (got {base_url!r})")
+    return base_url.rstrip("/") + "/" + endpoint.lstrip("/")
+
+
+def _timeout_of(value: Any) -> float:
+    if value is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise EngineError(f"model_params.timeout must be a number of seconds (got {value!r})") from None
+    if not seconds > 0:
+        raise EngineError(f"model_params.timeout must be > 0 seconds (got {value!r})")
+    return seconds
+
+
+def _warn_unknown(keys: Sequence[str]) -> None:
+    with _warned_lock:
+        fresh = sorted(k for k in keys if k not in _warned_params)
+        _warned_params.update(fresh)
+    if fresh:
+        log.warning("API engine ignores model_params it does not know: %s", ", ".join(fresh))
+
+
+def _str_headers(value: Any, name: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise EngineError(f"model_params.{name} must be a mapping of header names to values")
+    return {str(k): str(v) for k, v in value.items()}
+
+
+class _Redactor:
+    """Removes the API key from any text we keep (servers sometimes echo it back)."""
+
+    # A key shorter than this is a placeholder ("x", "EMPTY"'s cousins), not a secret; blanking
+    # every occurrence of it would garble messages.
+    MIN_SECRET_LEN = 4
+
+    def __init__(self, secret: str | None) -> None:
+        self._secret = secret if secret and len(secret) >= self.MIN_SECRET_LEN else None
+
+    def __call__(self, text: str) -> str:
+        if self._secret and self._secret in text:
+            text = text.replace(self._secret, "***")
+        return text
+
+    def __repr__(self) -> str:
+        return "_Redactor(***)"
+
+
+def _make_limiter(per_minute: float | None, name: str) -> Any:
+    """A leaky bucket releasing `per_minute` units a minute, smoothly (per second where it can).
+
+    Rate limits such as DashScope's are enforced per second too, so a minute's budget is not burst
+    at once: the bucket holds one second's share (or one unit, for slow rates).
+    """
+    if per_minute is None:
+        return None
+    if not per_minute > 0:
+        raise EngineError(f"{name} must be > 0 (got {per_minute!r})")
+    try:
+        from aiolimiter import AsyncLimiter
+    except ImportError:
+        raise EngineError(f"{name} needs aiolimiter: please install it (`pip install aiolimiter`)") from None
+    if per_minute >= 60:
+        return AsyncLimiter(per_minute / 60.0, 1.0)
+    return AsyncLimiter(1, 60.0 / per_minute)
+
+
+def estimate_tokens(request: Request, sampling_params: Mapping[str, Any]) -> int:
+    """Prompt + completion tokens of a request: Qwen-style image tokens, text/4, and the max_tokens cap."""
+    w, h = max(1, request.image.width), max(1, request.image.height)
+    image_tokens = math.ceil(w / PIXELS_PER_TOKEN_SIDE) * math.ceil(h / PIXELS_PER_TOKEN_SIDE)
+    text_tokens = (len(request.system_prompt) + len(request.user_text)) // 4
+    return image_tokens + text_tokens + max_tokens_of(sampling_params)
+
+
+# --------------------------------------------------------------------------------------------------
+# The engine.
+
+
+class ApiEngine(Engine):
+    """Chat completions over HTTP, one attempt per request, `settings.concurrency` in flight.
+
+    model_params: `base_url`, `api_key` (else env OPENAI_BASE_URL / OPENAI_API_KEY), `timeout`
+    (seconds per request, default 120), `headers` / `default_headers`, `default_query`,
+    `organization`, `project`; `max_retries` is accepted and ignored (the operator retries).
+    Other keys are ignored with a one-time warning. Building touches no network.
+    """
+
+    kind = "api"
+
+    def __init__(self, settings: EngineSettings) -> None:
+        params = dict(settings.model_params or {})
+        unknown = [k for k in params if k not in _KNOWN_PARAMS]
+        if unknown:
+            _warn_unknown(unknown)
+
+        base_url = params.get("base_url") or os.environ.get("OPENAI_BASE_URL")
+        api_key = params.get("api_key") or os.environ.get("OPENAI_API_KEY")
+        self._url = _resolve_url(str(base_url) if base_url else None, settings.api_endpoint)
+        self._response_path = settings.response_path or DEFAULT_RESPONSE_PATH
+        try:
+            _path_segments(self._response_path)
+        except ValueError as e:
+            raise EngineError(str(e)) from None
+        self._timeout = _timeout_of(params.get("timeout"))
+        if settings.concurrency < 1:
+            raise EngineError(f"concurrency must be >= 1 (got {settings.concurrency})")
+        self._concurrency = int(settings.concurrency)
+        self._settings = settings
+        self._redact = _Redactor(str(api_key) if api_key else None)
+
+        headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "vlmtag"}
+        headers.update(_str_headers(params.get("default_headers"), "default_headers"))
+        headers.update(_str_headers(params.get("headers"), "headers"))
+        if params.get("organization"):
+            headers["OpenAI-Organization"] = str(params["organization"])
+        if params.get("project"):
+            headers["OpenAI-Project"] = str(params["project"])
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        query = params.get("default_query")
+        if query is not None and not isinstance(query, Mapping):
+            raise EngineError("model_params.default_query must be a mapping")
+        self._client_kwargs: dict[str, Any] = {
+            "headers": headers,
+            "params": dict(query or {}),
+            "timeout": httpx.Timeout(self._timeout),
+            "limits": httpx.Limits(max_connections=1, max_keepalive_connections=1),
+        }
+        # Checked now so a missing aiolimiter or a bad rate fails at build time; the limiters
+        # themselves are made on the engine's loop.
+        _make_limiter(settings.max_requests_per_minute, "max_requests_per_minute")
+        _make_limiter(settings.max_tokens_per_minute, "max_tokens_per_minute")
+
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._clients: list[httpx.AsyncClient] = []
+        self._idle: asyncio.Queue[httpx.AsyncClient] | None = None  # a client per free connection
+        self._rpm: Any = None
+        self._tpm: Any = None
+
+    def __repr__(self) -> str:
+        return (
+            f"ApiEngine(model={self._settings.model!r}, url={self._redact(self._url)!r}, "
+            f"concurrency={self._concurrency}, timeout={self._timeout:g})"
+        )
+
+    # -- the loop thread -------------------------------------------------------------------------
+
+    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is not None:
+                return self._loop
+            loop = asyncio.new_event_loop()
+            ready = threading.Event()
+
+            def run() -> None:
+                asyncio.set_event_loop(loop)
+                loop.call_soon(ready.set)
+                loop.run_forever()
+
+            thread = threading.Thread(target=run, name="vlmtag-api-engine", daemon=True)
+            thread.start()
+            ready.wait()
+            asyncio.run_coroutine_threadsafe(self._open(), loop).result()
+            self._loop, self._thread = loop, thread
+            return loop
+
+    async def _open(self) -> None:
+        tls = httpx.create_ssl_context()  # made once: a context per client costs ~20 ms each
+        self._clients = [httpx.AsyncClient(verify=tls, **self._client_kwargs) for _ in range(self._concurrency)]
+        self._idle = asyncio.Queue()
+        for client in self._clients:
+            self._idle.put_nowait(client)
+        self._rpm = _make_limiter(self._settings.max_requests_per_minute, "max_requests_per_minute")
+        self._tpm = _make_limiter(self._settings.max_tokens_per_minute, "max_tokens_per_minute")
+
+    def close(self) -> None:
+        """Close the HTTP client and stop the loop thread. Idempotent; `generate` afterwards starts afresh."""
+        with self._lock:
+            loop, thread, clients = self._loop, self._thread, self._clients
+            self._loop, self._thread, self._clients = None, None, []
+            if loop is None:
+                return
+            try:
+                asyncio.run_coroutine_threadsafe(_close_all(clients), loop).result(timeout=10)
+            except Exception as e:  # closing must not raise over a failed run
+                log.debug("closing the API client failed: %s", self._redact(repr(e)))
+            finally:
+                loop.call_soon_threadsafe(loop.stop)
+                if thread is not None:
+                    thread.join(timeout=10)
+                if not loop.is_running():
+                    loop.close()
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def generate(self, requests: Sequence[Request]) -> list[Response]:
+        if not requests:
+            return []
+        jobs: list[tuple[bytes, int] | Response] = []
+        for request in requests:
+            try:
+                body = build_body(request, self._settings)
+                payload = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+            except (TypeError, ValueError) as e:
+                jobs.append(Response(error=f"cannot build the request body: {self._redact(str(e))}"))
+                continue
+            tokens = estimate_tokens(request, body) if self._settings.max_tokens_per_minute else 0
+            jobs.append((payload, tokens))
+        loop = self._ensure_loop()
+        return asyncio.run_coroutine_threadsafe(self._run(jobs), loop).result()
+
+    async def _run(self, jobs: list[tuple[bytes, int] | Response]) -> list[Response]:
+        sent = [job for job in jobs if isinstance(job, tuple)]
+        answers = iter(await asyncio.gather(*(self._one(*job) for job in sent)))
+        return [job if isinstance(job, Response) else next(answers) for job in jobs]
+
+    async def _one(self, payload: bytes, tokens: int) -> Response:
+        assert self._idle is not None
+        client = await self._idle.get()
+        try:
+            if self._rpm is not None:
+                await self._rpm.acquire()
+            if self._tpm is not None:
+                await self._tpm.acquire(min(tokens, self._tpm.max_rate))
+            try:
+                reply = await asyncio.wait_for(client.post(self._url, content=payload), timeout=self._timeout)
+            except (asyncio.TimeoutError, httpx.TimeoutException):
+                return Response(error=f"timeout after {self._timeout:g}s", retryable=True)
+            except httpx.RemoteProtocolError as e:
+                return Response(error=f"connection error: {self._describe(e)}", retryable=True)
+            except (httpx.NetworkError, httpx.ProxyError) as e:
+                return Response(error=f"connection error: {self._describe(e)}", retryable=True)
+            except httpx.HTTPError as e:  # bad URL, unsupported protocol, too many redirects...
+                return Response(error=f"request error: {self._describe(e)}")
+            except Exception as e:  # a failure of one request must not fail the batch
+                return Response(error=f"unexpected error: {self._describe(e)}")
+        finally:
+            self._idle.put_nowait(client)
+        return self._classify(reply)
+
+    def _describe(self, e: BaseException) -> str:
+        text = str(e) or type(e).__name__
+        if isinstance(e, httpx.RemoteProtocolError) and "without sending" in text:
+            text = "server closed the connection without a response"
+        return self._redact(_shorten(text))
+
+    def _classify(self, reply: httpx.Response) -> Response:
+        status = reply.status_code
+        if not 200 <= status < 300:
+            retryable = status in RETRYABLE_STATUSES or status >= 500
+            message = self._redact(server_message(reply.content)) or reply.reason_phrase
+            return Response(
+                error=f"HTTP {status}: {message}" if message else f"HTTP {status}",
+                retryable=retryable,
+                retry_after=parse_retry_after(reply.headers),
+                status=status,
+            )
+        try:
+            data = json.loads(reply.content)
+        except ValueError:
+            snippet = self._redact(_shorten(reply.content.decode("utf-8", errors="replace"), 60))
+            return Response(
+                error="response is not JSON" + (f": {snippet}" if snippet else " (empty body)"),
+                retryable=True,
+                status=status,
+            )
+        try:
+            text = extract(data, self._response_path)
+        except MissingAnswer as e:
+            error = str(e)
+            if isinstance(data, dict) and data.get("error"):
+                error += f" (error: {self._redact(server_message(json.dumps(data).encode()))})"
+            return Response(error=error, retryable=True, status=status, usage=_usage_of(data))
+        return Response(text=text, status=status, usage=_usage_of(data))
+
+
+async def _close_all(clients: list[httpx.AsyncClient]) -> None:
+    await asyncio.gather(*(client.aclose() for client in clients), return_exceptions=True)
+
+
+def _usage_of(data: Any) -> Usage:
+    usage = data.get("usage") if isinstance(data, dict) else None
+    if not isinstance(usage, dict):
+        return Usage()
+
+    def count(key: str) -> int:
+        value = usage.get(key)
+        return int(value) if isinstance(value, (int, float)) and value >= 0 else 0
+
+    return Usage(prompt_tokens=count("prompt_tokens"), completion_tokens=count("completion_tokens"))
