@@ -1,0 +1,51 @@
+"""The `vlmtag` command. Each subcommand lives in its own module with `add_parser(subparsers)` and
+`run(args, console) -> exit status`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from rich.console import Console
+
+from vlmtag import __version__
+from vlmtag.engines import EngineError
+from vlmtag.errors import ConfigError
+
+EXIT_OK, EXIT_ABORTED, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
+COMMANDS = ("run", "tag")  # modules vlmtag.cli.<name>
+
+
+def _parser() -> tuple[argparse.ArgumentParser, dict]:
+    p = argparse.ArgumentParser(prog="vlmtag", description="Tag image datasets with vision-language models.")
+    p.add_argument("--version", action="version", version=f"vlmtag {__version__}")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    sub = p.add_subparsers(dest="command", required=True)
+    modules = {}
+    for name in COMMANDS:
+        module = importlib.import_module(f"vlmtag.cli.{name}")
+        module.add_parser(sub)
+        modules[name] = module
+    return p, modules
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, modules = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING,
+                        format="vlmtag: %(levelname)s: %(message)s")
+    console = Console(quiet=args.quiet, soft_wrap=True)
+    try:
+        return modules[args.command].run(args, console)
+    except (ConfigError, EngineError) as e:
+        print(f"vlmtag: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        print("vlmtag: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

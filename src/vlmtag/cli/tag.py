@@ -1,0 +1,50 @@
+"""`vlmtag tag PATH... -o out.jsonl`: tag image files, folders or URLs without writing a recipe."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from rich.console import Console
+
+from vlmtag.cli.run import check_limit
+from vlmtag.errors import ConfigError
+
+DEFAULT_QUICK_MODEL = "builtin:default"
+DEFAULT_API_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("tag", help="tag image files or folders into a JSONL/JSON/Parquet file")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (recursive) or URLs")
+    p.add_argument("-o", "--output", required=True, help="output file (.jsonl, .json or .parquet)")
+    p.add_argument("--model", help=f"model name (default {DEFAULT_QUICK_MODEL}; {DEFAULT_API_MODEL} with --api-base)")
+    p.add_argument("--api-base", metavar="URL", help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
+    p.add_argument("--concurrency", type=int, default=32, help="API requests in flight (default 32)")
+    p.add_argument("--json-schema", action="store_true", help="ask the server for structured output")
+    p.add_argument("--limit", type=int, metavar="N", help="tag only the first N images")
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    from vlmtag.cli import EXIT_ABORTED, EXIT_OK
+    from vlmtag.ops import ImageTaggingVLMMapper
+    from vlmtag.run import batched, image_rows, run_ops
+    from vlmtag.summary import render_summary
+
+    check_limit(args.limit)
+    if args.concurrency < 1:
+        raise ConfigError(f"--concurrency={args.concurrency}: expected a number ≥ 1")
+    is_api = args.api_base is not None
+    model = args.model or (DEFAULT_API_MODEL if is_api else DEFAULT_QUICK_MODEL)
+    op = ImageTaggingVLMMapper(
+        model,
+        is_api_model=is_api,
+        model_params={"base_url": args.api_base} if is_api else {},
+        concurrency=args.concurrency,
+        json_schema=args.json_schema,
+    )
+    rows = list(image_rows(args.paths))  # walks folders first, so a typo fails before any work
+    result = run_ops([op], batched(rows, op.options.batch_size), args.output,
+                     base_dir=os.getcwd(), dataset=",".join(args.paths), limit=args.limit)
+    render_summary(result, console)
+    return EXIT_ABORTED if result.aborted else EXIT_OK
