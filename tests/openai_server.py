@@ -181,6 +181,7 @@ class Recorded:
 
     method: str
     path: str
+    query: str  # the raw query string, "" when none
     headers: dict[str, str]  # lower-case names
     body: Any  # parsed JSON, or None when the body was not JSON
     image_sha: str | None  # of the first image_url's data, None when there is none
@@ -474,7 +475,7 @@ class OpenAIServer:
     def _answer(self, method: str, target: str, headers: dict[str, str],
                 raw: bytes) -> tuple[Reply | None, bytes]:
         """Record the request and decide the reply. Returns (reply or None for a plain answer, bytes)."""
-        path = target.split("?", 1)[0]
+        path, _, query = target.partition("?")
         try:
             body = json.loads(raw) if raw else None
         except ValueError:
@@ -489,7 +490,7 @@ class OpenAIServer:
                 self.per_image[sha] += 1
             attempt = self.per_image[sha] if sha is not None else self._count
             if self.record:
-                self.requests.append(Recorded(method, path, headers, body, sha, attempt))
+                self.requests.append(Recorded(method, path, query, headers, body, sha, attempt))
             reply = self._queue.pop(0) if self._queue else None
             registered = self._answers.get(sha) if sha is not None else None
 
