@@ -6,6 +6,7 @@ import json
 from typing import Iterator
 
 from vlmtag.io.base import format_of
+from vlmtag.io.dataset import READERS
 
 INVALID_ROW_KEY = "__vlmtag_invalid_row__"
 
@@ -66,3 +67,6 @@ def _parquet(path: str, batch_size: int) -> Iterator[list[dict]]:
     with pq.ParquetFile(path) as pf:
         for record_batch in pf.iter_batches(batch_size=batch_size):
             yield record_batch.to_pylist()
+
+
+READERS.update(jsonl=_jsonl, json=_json_array, parquet=_parquet)
