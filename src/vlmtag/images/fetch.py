@@ -87,11 +87,15 @@ def redact_url(url: str) -> str:
     if query:
         pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
         query = "&".join(
-            f"{urllib.parse.quote(k, safe='')}=" + ("***" if _SECRET_PARAM.search(k) else urllib.parse.quote(v, safe=""))
+            urllib.parse.quote(k, safe="") + "=" + _shown_value(k, v)
             for k, v in pairs
         )
     shown = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
     return shown if len(shown) <= _MAX_SHOWN_URL else shown[: _MAX_SHOWN_URL - 1] + "…"
+
+
+def _shown_value(key: str, value: str) -> str:
+    return "***" if _SECRET_PARAM.search(key) else urllib.parse.quote(value, safe="")
 
 
 def close_http_client() -> None:
