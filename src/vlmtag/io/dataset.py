@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from vlmtag.io.base import FORMATS, UnsupportedFormat
+from vlmtag.rowkeys import BYTES_KEY  # noqa: F401  (readers put image bytes here)
 
 # Readers by kind of shard: (path, batch_size) -> batches of rows. Formats register here (see readers.py).
 READERS: dict[str, Callable[[str, int], Iterator[list[dict]]]] = {}

@@ -8,7 +8,7 @@ from typing import Iterator
 from vlmtag.io.base import format_of
 from vlmtag.io.dataset import READERS
 
-INVALID_ROW_KEY = "__vlmtag_invalid_row__"
+from vlmtag.rowkeys import INVALID_ROW_KEY
 
 
 def read_batches(path: str, batch_size: int) -> Iterator[list[dict]]:

@@ -25,6 +25,7 @@ from vlmtag.engines import Engine, EngineSettings, Request, Response, create_eng
 from vlmtag.errors import ConfigError, config_error
 from vlmtag.images import EncodedImage, FetchLimits, ImageError, load_image
 from vlmtag.ops.registry import register
+from vlmtag.rowkeys import BYTES_KEY, META_KEY
 from vlmtag.prompts import (
     DEFAULT_EOC_TOKEN,
     DEFAULT_IMAGE_TOKEN,
@@ -38,7 +39,6 @@ from vlmtag.tags import TagParseError, parse_output, tags_json_schema
 
 log = logging.getLogger(__name__)
 
-META_KEY = "__dj__meta__"
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 # Data-Juicer's generic op arguments: accepted so its recipes run unchanged, but they change nothing here.
 DATA_JUICER_OP_ARGS = frozenset(
@@ -292,7 +292,7 @@ class ImageTaggingVLMMapper:
         metas = self.tag_columns(
             images=[r.get(o.image_key) for r in rows],
             texts=[r.get(o.text_key) for r in rows],
-            image_bytes=[r.get(o.image_bytes_key) for r in rows],
+            image_bytes=[r.get(o.image_bytes_key) or r.get(BYTES_KEY) for r in rows],
             metas=[r.get(META_KEY) for r in rows],
             base_dir=base_dir,
         )

@@ -1,0 +1,8 @@
+"""Names of the fields vlmtag reads or writes in a row, shared by readers, the operator and writers."""
+
+META_KEY = "__dj__meta__"  # Data-Juicer's meta column: the tags go in here
+# Image bytes a reader found for a row (WebDataset members, Parquet image columns), aligned with `images`.
+# Transient: writers drop it, so the export keeps only the row's own fields.
+BYTES_KEY = "__vlmtag_bytes__"
+# A line of the input that is not a JSON object, kept (never dropped) with the reason.
+INVALID_ROW_KEY = "__vlmtag_invalid_row__"
