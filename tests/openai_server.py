@@ -21,7 +21,8 @@ As a program, for benchmarks (server CPU then does not share the client's GIL)::
 
     python tests/openai_server.py --port 0 --latency 0.5 --slots 32
 
-prints `READY http://127.0.0.1:PORT/v1` once listening and serves until SIGINT/SIGTERM.
+prints `READY http://127.0.0.1:PORT/v1` once listening and serves until SIGINT/SIGTERM; from Python,
+`with ServerProcess(latency=0.5, slots=32) as proc: proc.base_url` does that for you.
 """
 
 from __future__ import annotations
@@ -35,14 +36,16 @@ import http
 import io
 import json
 import signal
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-__all__ = ["OpenAIServer", "Reply", "Recorded", "default_tags", "image_sha", "tags_content"]
+__all__ = ["OpenAIServer", "Reply", "Recorded", "ServerProcess", "default_tags", "image_sha", "tags_content"]
 
 # --------------------------------------------------------------------------------------------------
 # What the server answers.
@@ -542,6 +545,54 @@ class OpenAIServer:
         headers_out = reply.headers if reply is not None else {}
         response = _http_response(200, data, headers_out, close=False)
         return (reply if reply is not None and reply.delay else None), response
+
+
+class ServerProcess:
+    """This module run as a separate process (for benchmarks: the server's CPU then does not share the
+    client's GIL). A context manager; `base_url` once started; `summary` (its closing line) once stopped."""
+
+    def __init__(self, *, latency: float = 0.0, slots: int | None = None, decode: bool = True,
+                 model: str = "test-model") -> None:
+        self.args = [sys.executable, __file__, "--port", "0", "--latency", str(latency), "--model", model]
+        if slots:
+            self.args += ["--slots", str(slots)]
+        if not decode:
+            self.args.append("--no-decode")
+        self.base_url = ""
+        self.summary = ""
+        self._proc: subprocess.Popen | None = None
+        self._log = tempfile.TemporaryFile(mode="w+")
+
+    def start(self) -> "ServerProcess":
+        self._proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=self._log, text=True)
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline()
+        if not line.startswith("READY "):
+            self.stop()
+            raise RuntimeError(f"the test server did not start: {line!r} {self.summary}")
+        self.base_url = line.split()[1]
+        return self
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+        self._log.seek(0)
+        self.summary = self._log.read().strip()
+        self._log.close()
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 # --------------------------------------------------------------------------------------------------

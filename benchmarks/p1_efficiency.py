@@ -1,0 +1,171 @@
+"""P1 efficiency: how close does vlmtag come to the fastest plain client, when the server costs nothing?
+
+The server (tests/openai_server.py, a separate process, answering from the image hash) answers at once, so
+the client's own CPU is all that limits the rate. The dataset is 4,096 distinct small images (<= 64x64, PNG
+and JPEG files on disk, a JSONL dataset beside them). Compared in the same run, best of two rounds each:
+
+- vlmtag, whole process: a recipe run end to end (`vlmtag.run.run_recipe`: read the JSONL, load and prepare
+  each image, send, parse, write the export JSONL). The clock runs from the call to its return.
+- an ideal client: request bodies encoded before the clock starts (same prompts, the file bytes as data URLs),
+  then posted with raw async httpx at the same concurrency, each answer read as JSON, nothing written. Two
+  shapes: one `AsyncClient` with a pool of N connections (the obvious way), and N single-connection clients
+  (httpx's pool scans every connection on each request, so this is the fastest raw httpx we know). The
+  ratio is against the faster of the two.
+
+Target: vlmtag >= 0.7 of the ideal.
+
+    .venv/bin/python benchmarks/p1_efficiency.py [--images 4096] [--concurrency 32] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from openai_server import ServerProcess  # noqa: E402
+
+from vlmtag.config import parse_recipe  # noqa: E402
+from vlmtag.prompts import DEFAULT_INPUT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, fill_template  # noqa: E402
+from vlmtag.run import run_recipe  # noqa: E402
+
+MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
+
+
+def write_dataset(folder: Path, count: int) -> Path:
+    """`count` distinct images from 32x32 to 64x64, PNG and JPEG alternately, and a JSONL dataset naming them."""
+    (folder / "images").mkdir(parents=True)
+    rows = []
+    for i in range(count):
+        size = (32 + i % 33, 32 + (i * 5) % 33)
+        im = Image.new("RGB", size, (i % 251, (i * 7) % 253, (i * 13) % 255))
+        im.putpixel((i % size[0], (i // size[0]) % size[1]), (255 - i % 256, 0, 0))
+        name = f"images/img_{i:05d}." + ("png" if i % 2 else "jpg")
+        im.save(folder / name)
+        rows.append({"images": [name], "text": f"<__dj__image> test image number {i}"})
+    dataset = folder / "dataset.jsonl"
+    dataset.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return dataset
+
+
+def vlmtag_rate(dataset: Path, export: Path, base_url: str, concurrency: int, batch_size: int) -> tuple[float, int]:
+    recipe = parse_recipe({
+        "dataset_path": str(dataset),
+        "export_path": str(export),
+        "process": [{"image_tagging_vlm_mapper": {
+            "api_or_hf_model": MODEL, "is_api_model": True,
+            "model_params": {"base_url": base_url, "api_key": "x"},
+            "concurrency": concurrency, "batch_size": batch_size,
+        }}],
+    })
+    start = time.perf_counter()
+    result = run_recipe(recipe)
+    wall = time.perf_counter() - start
+    assert result.aborted is None, result.aborted
+    tagged = sum(
+        1 for line in export.read_text().splitlines()
+        for tags in json.loads(line)["__dj__meta__"]["image_tags"] if tags
+    )
+    return result.stats["images"] / wall, tagged
+
+
+def payloads(dataset: Path) -> list[bytes]:
+    """Every request body, encoded: what the ideal client sends (built before its clock starts)."""
+    out = []
+    for line in dataset.read_text().splitlines():
+        row = json.loads(line)
+        path = dataset.parent / row["images"][0]
+        mime = "image/png" if path.suffix == ".png" else "image/jpeg"
+        url = f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
+        text = fill_template(DEFAULT_INPUT_TEMPLATE, row["text"].replace("<__dj__image>", "").strip())
+        body = {"model": MODEL, "max_tokens": 512, "messages": [
+            {"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
+            {"role": "user", "content": [{"type": "text", "text": text},
+                                         {"type": "image_url", "image_url": {"url": url}}]},
+        ]}
+        out.append(json.dumps(body).encode())
+    return out
+
+
+async def ideal_rate(bodies: list[bytes], base_url: str, concurrency: int, single_connection: bool) -> float:
+    headers = {"Authorization": "Bearer x", "Content-Type": "application/json"}
+    url = base_url + "/chat/completions"
+    if single_connection:
+        one = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        clients = [httpx.AsyncClient(headers=headers, limits=one) for _ in range(concurrency)]
+    else:
+        pool = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        clients = [httpx.AsyncClient(headers=headers, limits=pool)] * concurrency
+    idle: asyncio.Queue[httpx.AsyncClient] = asyncio.Queue()
+    for client in clients:
+        idle.put_nowait(client)
+
+    async def post(body: bytes) -> str:
+        client = await idle.get()
+        try:
+            reply = await client.post(url, content=body)
+        finally:
+            idle.put_nowait(client)
+        return reply.json()["choices"][0]["message"]["content"]
+
+    start = time.perf_counter()
+    answers = await asyncio.gather(*(post(b) for b in bodies))
+    rate = len(answers) / (time.perf_counter() - start)
+    for client in set(clients):
+        await client.aclose()
+    return rate
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=4096)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="vlmtag-p1e-") as tmp:
+        dataset = write_dataset(Path(tmp), args.images)
+        bodies = payloads(dataset)
+        best = {"vlmtag": 0.0, "pool": 0.0, "single": 0.0}
+        tagged = []
+        with ServerProcess(decode=False) as server:
+            for r in range(args.rounds):
+                rate, n = vlmtag_rate(dataset, Path(tmp) / f"out{r}.jsonl", server.base_url,
+                                      args.concurrency, args.batch_size)
+                tagged.append(n)
+                best["vlmtag"] = max(best["vlmtag"], rate)
+                for shape, single in (("pool", False), ("single", True)):
+                    best[shape] = max(best[shape], asyncio.run(
+                        ideal_rate(bodies, server.base_url, args.concurrency, single)))
+        ideal = max(best["pool"], best["single"])
+        print(f"zero-latency server ({server.summary}); {args.images} distinct images <= 64x64 (PNG/JPEG files), "
+              f"concurrency {args.concurrency}, batch_size {args.batch_size}, best of {args.rounds} rounds, "
+              f"{os.cpu_count()} CPUs\n")
+        print("| client | img/s | vs ideal |")
+        print("|---|---:|---:|")
+        print(f"| vlmtag, recipe run end to end ({min(tagged)}/{args.images} tagged) | {best['vlmtag']:.0f} | "
+              f"{best['vlmtag'] / ideal:.2f} |")
+        print(f"| ideal: pre-encoded bodies, {args.concurrency} single-connection httpx clients | "
+              f"{best['single']:.0f} | {best['single'] / ideal:.2f} |")
+        print(f"| ideal: pre-encoded bodies, one httpx client, pool of {args.concurrency} | "
+              f"{best['pool']:.0f} | {best['pool'] / ideal:.2f} |")
+        ok = best["vlmtag"] >= 0.7 * ideal and min(tagged) == args.images
+        print(f"\ntarget: >= 0.7 of the ideal, every image tagged: {'MET' if ok else 'MISSED'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
