@@ -19,6 +19,7 @@ class TaggingStats:
     rows_skipped: int = 0  # already had the tag field
     images: int = 0
     tagged: int = 0
+    cached: int = 0  # answers taken from the cache (no request)
     failed: int = 0
     requests: int = 0
     retries: int = 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from vlmtag.images import EncodedImage
 
@@ -77,6 +77,14 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def generate(self, requests: Sequence[Request]) -> list[Response]:
         """Return one `Response` per request, same order. Per-request failures are responses, not raises."""
+
+    def run_batch(self, requests: Sequence[Request], on_response: Callable[[int, Response], None]) -> list[Response]:
+        """`generate`, also calling `on_response(index, response)` for each response. Engines that finish
+        requests one by one (the API engine) override this to call it as each arrives."""
+        responses = self.generate(requests)
+        for i, response in enumerate(responses):
+            on_response(i, response)
+        return responses
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release clients, threads or models."""

@@ -9,21 +9,24 @@ executors or caches: rows come in, the same rows go out, in the same order.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tenacity import Retrying, retry_if_result, stop_after_attempt, wait_exponential, wait_random
 
+from vlmtag.cache.base import AnswerCache
 from vlmtag.engines import Engine, EngineSettings, Request, Response, create_engine
 from vlmtag.errors import ConfigError, config_error
-from vlmtag.images import EncodedImage, FetchLimits, ImageError, load_image
+from vlmtag.images import EncodedImage, FetchLimits, ImageError, prepare_image, read_source
 from vlmtag.ops.registry import register
 from vlmtag.rowkeys import BYTES_KEY, META_KEY
 from vlmtag.prompts import (
@@ -50,6 +53,9 @@ DATA_JUICER_OP_ARGS = frozenset(
 )
 _AUTH_STATUSES = frozenset({401, 403, 404})
 _MAX_RETRY_AFTER = 300.0
+# model_params that configure the client, not the answer: left out of the cache key (and never stored).
+_CLIENT_PARAMS = frozenset({"api_key", "base_url", "timeout", "max_retries", "headers", "default_headers",
+                            "default_query", "organization", "project"})
 
 
 class RunAborted(RuntimeError):
@@ -78,6 +84,7 @@ class TaggerOptions(BaseModel):
     retry_backoff: float = Field(1.0, ge=0, description="first retry wait in seconds (doubles, with jitter)")
     max_backoff: float = Field(60.0, ge=0)
     fail_fast: bool = True
+    overwrite: bool = Field(False, description="tag rows again even when they already have the tag field")
     image_workers: int = Field(16, ge=1, description="threads that read and resize images")
     fetch_timeout: float = Field(30.0, gt=0, description="seconds to read an image URL")
     max_image_bytes: int = Field(50 * 1024 * 1024, ge=1)
@@ -211,6 +218,7 @@ class ImageTaggingVLMMapper:
         self.engine_kind = resolve_engine_kind(opts.api_or_hf_model, opts.is_api_model, opts.engine)
         self.json_schema = tags_json_schema(opts.max_tags, opts.max_tag_length) if opts.json_schema else None
         self.stats = TaggingStats()
+        self.cache: AnswerCache | None = None  # attached by the executor; None = no cache
         self._engine: Engine | None = None
         self._engine_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
@@ -322,7 +330,7 @@ class ImageTaggingVLMMapper:
         skipped = 0
         for i, meta in enumerate(metas):
             meta = {} if meta is None else meta
-            if not isinstance(meta, dict) or self.tag_field_name in meta:
+            if not isinstance(meta, dict) or (self.tag_field_name in meta and not o.overwrite):
                 skipped += 1
                 new_metas.append(meta)
                 continue
@@ -346,10 +354,7 @@ class ImageTaggingVLMMapper:
                 slots.append((i, j, requests.setdefault((img, prompt), len(requests))))
         self.stats.add(rows=len(metas), rows_skipped=skipped, images=len(slots))
 
-        loaded = self._load_images(sources, base_dir)
-        outcomes = self._run_requests(
-            [(loaded[img], prompt) for (img, prompt) in requests]  # dicts keep insertion order
-        )
+        outcomes = self._tag_distinct(sources, list(requests), base_dir)
         for i, j, r in slots:
             outcome = outcomes[r]
             meta = new_metas[i]
@@ -361,52 +366,128 @@ class ImageTaggingVLMMapper:
                 self.stats.add_failure(outcome.error or "error")
         return new_metas
 
-    def _load_images(self, sources: list[str | bytes | _BadEntry], base_dir: str | None) -> list[EncodedImage | str]:
-        def load(source: str | bytes | _BadEntry) -> EncodedImage | str:
-            if isinstance(source, _BadEntry):
-                return source.error
-            try:
-                return load_image(source, base_dir=base_dir, max_pixels=self.options.max_pixels, limits=self._fetch_limits)
-            except ImageError as e:
-                return str(e)
-
-        if len(sources) <= 1:
-            return [load(s) for s in sources]
+    def _map(self, fn: Callable[[Any], Any], items: list) -> list:
+        """`fn` over `items` on the image thread pool (reading and resizing release the GIL)."""
+        if len(items) <= 1:
+            return [fn(x) for x in items]
         if self._pool is None:
             with self._engine_lock:
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(self.options.image_workers, thread_name_prefix="vlmtag-image")
-        return list(self._pool.map(load, sources))
+        return list(self._pool.map(fn, items))
 
-    def _run_requests(self, items: list[tuple[EncodedImage | str, str]]) -> list[_Outcome]:
-        """Send each loadable image to the engine, spending up to `try_num` attempts on each."""
-        outcomes = [_Outcome(error=img) if isinstance(img, str) else _Outcome() for img, _ in items]
-        pending = [k for k, (img, _) in enumerate(items) if not isinstance(img, str)]
-        if not pending:
-            return outcomes
-        reqs = {k: Request(image=items[k][0], system_prompt=self.system_prompt, user_text=items[k][1]) for k in pending}
+    def _tag_distinct(
+        self, sources: list[str | bytes | _BadEntry], requests: list[tuple[int, str]], base_dir: str | None
+    ) -> list[_Outcome]:
+        """One outcome per distinct (image, prompt): from the cache when it has the answer, else the engine."""
+
+        def read(source: str | bytes | _BadEntry) -> bytes | str:
+            if isinstance(source, _BadEntry):
+                return source.error
+            if isinstance(source, bytes):
+                return source
+            try:
+                return read_source(source, base_dir=base_dir, limits=self._fetch_limits)
+            except ImageError as e:
+                return str(e)
+
+        raws = self._map(read, sources)
+        digests = [hashlib.sha256(r).hexdigest() if isinstance(r, bytes) else None for r in raws]
+        outcomes = [_Outcome() for _ in requests]
+        keys: list[str | None] = [None] * len(requests)
+        for r, (img, prompt) in enumerate(requests):
+            if digests[img] is None:
+                outcomes[r].error = raws[img]
+            else:
+                keys[r] = self.cache_key(digests[img], prompt)
+        if self.cache is not None:
+            hits = self.cache.get_many(k for k in keys if k)
+            for r, key in enumerate(keys):
+                if key in hits:
+                    try:
+                        outcomes[r].tags = self.parse_output(hits[key])
+                        self.stats.add(cached=1)
+                    except TagParseError:
+                        pass  # e.g. stricter max_tag_length now: ask again
+
+        todo = [r for r, o in enumerate(outcomes) if o.tags is None and o.error is None]
+        needed = sorted({requests[r][0] for r in todo})
+
+        def prepare(img: int) -> EncodedImage | str:
+            try:
+                return prepare_image(raws[img], max_pixels=self.options.max_pixels)
+            except ImageError as e:
+                return str(e)
+
+        prepared = dict(zip(needed, self._map(prepare, needed)))
+        work = []
+        for r in todo:
+            image = prepared[requests[r][0]]
+            if isinstance(image, str):
+                outcomes[r].error = image
+            else:
+                work.append((r, Request(image=image, system_prompt=self.system_prompt, user_text=requests[r][1])))
+        self._run_requests(work, outcomes, keys)
+        return outcomes
+
+    def cache_key(self, image_sha256: str, prompt: str) -> str:
+        """SHA-256 of the image bytes and of everything else that changes the model's answer."""
+        return hashlib.sha256(f"{self._fingerprint}\x00{image_sha256}\x00{prompt}".encode()).hexdigest()
+
+    @functools.cached_property
+    def _fingerprint(self) -> str:
+        o = self.options
+        answer_params = {k: v for k, v in o.model_params.items() if k not in _CLIENT_PARAMS}
+        doc = {
+            "v": 1,
+            "engine": self.engine_kind,
+            "model": o.api_or_hf_model,
+            "system_prompt": self.system_prompt,
+            "sampling_params": o.sampling_params,
+            "model_params": answer_params,
+            "schema": self.json_schema,
+            "max_pixels": o.max_pixels,
+        }
+        return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+    def _run_requests(self, work: list[tuple[int, Request]], outcomes: list[_Outcome], keys: list[str | None]) -> None:
+        """Send each request to the engine, spending up to `try_num` attempts on each; fill `outcomes`."""
+        if not work:
+            return
+        reqs = dict(work)
+        pending = list(reqs)
         attempts = dict.fromkeys(pending, 0)
-        last: dict[int, Response] = {}
         retry_after = [0.0]
 
         def one_round() -> list[int]:
             nonlocal pending
-            responses = self.engine.generate([reqs[k] for k in pending])
-            retry_after[0] = 0.0
-            still: list[int] = []
-            for k, resp in zip(pending, responses):
-                attempts[k] += 1
-                self.stats.add(requests=1, retries=int(attempts[k] > 1),
-                               prompt_tokens=resp.usage.prompt_tokens, completion_tokens=resp.usage.completion_tokens)
+            batch = pending
+            responses: list[Response | None] = [None] * len(batch)
+
+            def on_response(i: int, resp: Response) -> None:
+                # Runs as each answer arrives, so a crash loses only what was still in flight.
+                k = batch[i]
                 if resp.ok:
                     try:
                         outcomes[k].tags = self.parse_output(resp.text or "")
-                        self._breaker.record(True)
-                        continue
                     except TagParseError as e:
                         resp = Response(error=f"unparsable answer: {e}", retryable=True, usage=resp.usage)
-                last[k] = resp
-                if resp.retryable and attempts[k] < self.options.try_num:
+                    else:
+                        if self.cache is not None and keys[k] is not None:
+                            self.cache.put_many([(keys[k], resp.text or "")])
+                responses[i] = resp
+
+            self.engine.run_batch([reqs[k] for k in batch], on_response)
+            retry_after[0] = 0.0
+            still: list[int] = []
+            for k, resp in zip(batch, responses):
+                assert resp is not None, "engine returned fewer responses than requests"
+                attempts[k] += 1
+                self.stats.add(requests=1, retries=int(attempts[k] > 1),
+                               prompt_tokens=resp.usage.prompt_tokens, completion_tokens=resp.usage.completion_tokens)
+                if outcomes[k].tags is not None:
+                    self._breaker.record(True)
+                elif resp.retryable and attempts[k] < self.options.try_num:
                     still.append(k)
                     retry_after[0] = max(retry_after[0], min(resp.retry_after or 0.0, _MAX_RETRY_AFTER))
                 else:
@@ -425,7 +506,6 @@ class ImageTaggingVLMMapper:
             retry=retry_if_result(bool),
             retry_error_callback=lambda state: state.outcome.result(),
         )(one_round)
-        return outcomes
 
     def _finish_failure(self, k: int, resp: Response, attempts: int, outcomes: list[_Outcome]) -> None:
         error = resp.error or "error"
