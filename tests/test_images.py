@@ -141,6 +141,17 @@ def test_small_jpeg_with_exif_is_reencoded_without_metadata():
     assert not out.getexif() and "exif" not in out.info
 
 
+def test_multi_picture_jpeg_sends_only_the_first_picture():
+    first, second = photo("astronaut"), photo("coffee").resize((512, 512))
+    raw = encoded(first, "MPO", save_all=True, append_images=[second])
+
+    enc = prepare_image(raw)
+
+    out = decode(enc)
+    assert len(enc.data) < 0.7 * len(raw)
+    assert psnr(out.convert("RGB"), first) > 30
+
+
 # ---------------------------------------------------------------------------------------------- EXIF orientation
 
 

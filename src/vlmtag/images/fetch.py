@@ -119,8 +119,9 @@ def _read_file(source: str, base_dir: str | None, limits: FetchLimits) -> bytes:
         where = f" (in {base})"
     try:
         with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size > limits.max_bytes:
-                raise ImageError(_too_large(os.fstat(f.fileno()).st_size, limits, f"file {source}"))
+            size = os.fstat(f.fileno()).st_size
+            if size > limits.max_bytes:
+                raise ImageError(_too_large(size, limits, f"file {source}"))
             data = f.read(limits.max_bytes + 1)  # bounded even for files whose size stat does not tell
     except FileNotFoundError:
         raise ImageError(f"file not found: {source}{where}") from None

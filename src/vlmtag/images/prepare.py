@@ -205,6 +205,7 @@ def _prepare_jpeg(raw: bytes, im: Image.Image, max_pixels: int) -> tuple[bytes, 
     orientation = _orientation(im)
     if (
         width * height <= max_pixels
+        and im.format == "JPEG"  # not MPO: its extra frames (depth maps, previews) would ride along
         and colorspace == "YCbCr"
         and orientation == 1
         and len(raw) <= _PASSTHROUGH_SLACK + _PASSTHROUGH_BYTES_PER_PIXEL * width * height
