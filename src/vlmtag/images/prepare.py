@@ -212,7 +212,8 @@ def _prepare_jpeg(raw: bytes, im: Image.Image, max_pixels: int) -> tuple[bytes, 
         and not _has_exif(im)
     ):
         try:
-            simplejpeg.decode_jpeg(raw, colorspace="GRAY", min_factor=8, strict=True)  # reads every byte
+            # A 1/8-scale decode (the smallest size >= 1x1) still entropy-decodes every byte.
+            simplejpeg.decode_jpeg(raw, colorspace="GRAY", min_width=1, min_height=1, strict=True)
         except ValueError:
             return None
         return raw, width, height
