@@ -399,3 +399,32 @@ def test_max_retries_is_accepted_quietly_and_unknown_params_warn_once(server, ma
     make_engine({"frobnicate_level": 4})
     warnings = [r for r in caplog.records if "frobnicate_level" in r.getMessage()]
     assert len(warnings) == 1
+
+
+def test_closing_the_engine_under_a_running_generate_ends_it(server, make_engine):
+    server.behaviour = lambda body, attempt: Reply.slow(30)
+    engine = make_engine({"timeout": 60})
+    outcome: list = []
+
+    def work() -> None:
+        try:
+            outcome.append(engine.generate([request()]))
+        except EngineError as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    for _ in range(1000):  # until the request reaches the server (at most ~10 s)
+        if server.count:
+            break
+        time.sleep(0.01)
+    engine.close()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert isinstance(outcome[0], EngineError) and "closed" in str(outcome[0])
+
+
+def test_a_key_read_from_a_file_with_its_newline_still_works(server, make_engine):
+    [response] = make_engine({"api_key": SECRET + "\n"}).generate([request()])
+    assert response.ok
+    assert server.requests[0].headers["authorization"] == f"Bearer {SECRET}"

@@ -18,6 +18,7 @@ Where a request is built: `build_body`. Where an answer is read: `extract`. Both
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import email.utils
 import json
 import logging
@@ -304,7 +305,8 @@ class ApiEngine(Engine):
             _warn_unknown(unknown)
 
         base_url = params.get("base_url") or os.environ.get("OPENAI_BASE_URL")
-        api_key = params.get("api_key") or os.environ.get("OPENAI_API_KEY")
+        # A key read from a file often ends in a newline, which no header may carry.
+        api_key = str(params.get("api_key") or os.environ.get("OPENAI_API_KEY") or "").strip() or None
         self._url = _resolve_url(str(base_url) if base_url else None, settings.api_endpoint)
         self._response_path = settings.response_path or DEFAULT_RESPONSE_PATH
         try:
@@ -316,7 +318,7 @@ class ApiEngine(Engine):
             raise EngineError(f"concurrency must be >= 1 (got {settings.concurrency})")
         self._concurrency = int(settings.concurrency)
         self._settings = settings
-        self._redact = _Redactor(str(api_key) if api_key else None)
+        self._redact = _Redactor(api_key)
 
         headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "vlmtag"}
         headers.update(_str_headers(params.get("default_headers"), "default_headers"))
@@ -372,7 +374,12 @@ class ApiEngine(Engine):
             thread = threading.Thread(target=run, name="vlmtag-api-engine", daemon=True)
             thread.start()
             ready.wait()
-            asyncio.run_coroutine_threadsafe(self._open(), loop).result()
+            try:
+                asyncio.run_coroutine_threadsafe(self._open(), loop).result()
+            except Exception as e:
+                loop.call_soon_threadsafe(loop.stop)
+                thread.join(timeout=10)
+                raise EngineError(f"cannot start the API client: {self._redact(str(e))}") from None
             self._loop, self._thread = loop, thread
             return loop
 
@@ -386,14 +393,17 @@ class ApiEngine(Engine):
         self._tpm = _make_limiter(self._settings.max_tokens_per_minute, "max_tokens_per_minute")
 
     def close(self) -> None:
-        """Close the HTTP client and stop the loop thread. Idempotent; `generate` afterwards starts afresh."""
+        """Close the connections and stop the loop thread. Idempotent; `generate` afterwards starts afresh.
+
+        Requests still in flight are cancelled: a `generate` waiting on them raises `EngineError`.
+        """
         with self._lock:
             loop, thread, clients = self._loop, self._thread, self._clients
             self._loop, self._thread, self._clients = None, None, []
             if loop is None:
                 return
             try:
-                asyncio.run_coroutine_threadsafe(_close_all(clients), loop).result(timeout=10)
+                asyncio.run_coroutine_threadsafe(_shutdown(clients), loop).result(timeout=10)
             except Exception as e:  # closing must not raise over a failed run
                 log.debug("closing the API client failed: %s", self._redact(repr(e)))
             finally:
@@ -419,7 +429,17 @@ class ApiEngine(Engine):
             tokens = estimate_tokens(request, body) if self._settings.max_tokens_per_minute else 0
             jobs.append((payload, tokens))
         loop = self._ensure_loop()
-        return asyncio.run_coroutine_threadsafe(self._run(jobs), loop).result()
+        try:
+            future = asyncio.run_coroutine_threadsafe(self._run(jobs), loop)
+        except RuntimeError:  # closed between the two lines above
+            raise EngineError("the API engine was closed during generate") from None
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
+            raise EngineError("the API engine was closed during generate") from None
+        except BaseException:  # e.g. KeyboardInterrupt in the caller: stop this batch's requests
+            future.cancel()
+            raise
 
     async def _run(self, jobs: list[tuple[bytes, int] | Response]) -> list[Response]:
         sent = [job for job in jobs if isinstance(job, tuple)]
@@ -486,7 +506,12 @@ class ApiEngine(Engine):
         return Response(text=text, status=status, usage=_usage_of(data))
 
 
-async def _close_all(clients: list[httpx.AsyncClient]) -> None:
+async def _shutdown(clients: list[httpx.AsyncClient]) -> None:
+    """Cancel whatever is still running on the engine's loop, then close every connection."""
+    others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in others:
+        task.cancel()
+    await asyncio.gather(*others, return_exceptions=True)
     await asyncio.gather(*(client.aclose() for client in clients), return_exceptions=True)
 
 
