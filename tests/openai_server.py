@@ -11,7 +11,8 @@ In a test::
         server.script(Reply.rate_limited(2), Reply.dropped())   # the next two requests, in order
         server.behaviour = lambda body, attempt: Reply.server_error() if attempt == 1 else None
         ...
-        server.count, server.count_for(image_bytes), server.requests[0].body, server.max_in_flight
+        server.count, server.count_for(image_bytes), server.requests[0].body, server.max_in_flight,
+        server.connections_opened, server.reset()
 
 A request's reply is the first of: the scripted queue, `behaviour(body, attempt_no)` (None: go on),
 the answer registered for the image, the default rule (`default_tags`: size, mean colour and hash
@@ -247,6 +248,8 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.server._connections.add(self)
+        with self.server._lock:
+            self.server.connections_opened += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -386,6 +389,7 @@ class OpenAIServer:
             self._count = 0
             self.in_flight = 0
             self.max_in_flight = 0
+            self.connections_opened = 0
             self.errors: list[str] = []
             self._queue = []
 

@@ -325,6 +325,7 @@ def test_requests_in_flight_never_exceed_the_concurrency():
     assert all(r.ok for r in responses)
     assert server.count == 16
     assert server.max_in_flight == 4
+    assert server.connections_opened == 4  # kept alive: one connection per slot, reused
 
 
 def test_two_threads_share_the_engine_and_its_concurrency_bound():
