@@ -92,7 +92,8 @@ def test_json_and_parquet_round_trip(tmp_path, photo_dir, ext):
     assert got[2]["__dj__meta__"]["image_tags"] == [[]]
     assert got[2]["__dj__meta__"]["image_tags_errors"][0].startswith("file not found")
     stats = json.loads(Path(f"{out}.stats.json").read_text())
-    assert stats["rows_skipped"] == 3 and stats["images"] == 0
+    assert stats["rows_already_tagged"] == 3 and stats["images_processed"] == 0
+    assert stats["rows"] == 3 and stats["images"] == 2 and stats["tagged"] == 1 and stats["failed"] == 1
     if ext == ".parquet":
         assert pq.read_table(mid).num_rows == 3
 

@@ -7,24 +7,41 @@ from rich.table import Table
 
 from vlmtag.run import RunResult
 
+EXIT_OK, EXIT_ABORTED, EXIT_INTERRUPTED = 0, 1, 130
 
-def render_summary(result: RunResult, console: Console) -> None:
+
+def exit_status(result: RunResult) -> int:
+    if result.interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_ABORTED if result.aborted else EXIT_OK
+
+
+def render_summary(result: RunResult, console: Console, *, resume_command: str = "") -> None:
     s = result.stats
+    if result.already_complete:
+        console.print(f"already complete: {result.export_path} ({result.rows_written:,} rows); nothing to do",
+                      markup=False, highlight=False)
+        console.print(f"summary: {result.stats_path}", markup=False)
+        return
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column(justify="right")
     rows = [
         ("rows", f"{s.get('rows', 0):,}"),
-        ("rows already tagged (skipped)", f"{s.get('rows_skipped', 0):,}"),
         ("images", f"{s.get('images', 0):,}"),
         ("tagged", f"{s.get('tagged', 0):,}"),
         ("failed", f"{s.get('failed', 0):,}"),
+        ("from cache", f"{s.get('cached', 0):,}"),
         ("requests", f"{s.get('requests', 0):,}"),
         ("retries", f"{s.get('retries', 0):,}"),
         ("tokens in / out", f"{s.get('prompt_tokens', 0):,} / {s.get('completion_tokens', 0):,}"),
         ("wall time", f"{result.wall_seconds:.1f} s"),
         ("images/s", f"{result.images_per_second:.2f}"),
     ]
+    if s.get("rows_resumed"):
+        rows.insert(1, ("rows resumed (done before)", f"{s['rows_resumed']:,}"))
+    if s.get("rows_already_tagged"):
+        rows.insert(1, ("rows already tagged (kept)", f"{s['rows_already_tagged']:,}"))
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
@@ -34,8 +51,12 @@ def render_summary(result: RunResult, console: Console) -> None:
         for reason, n in list(reasons.items())[:5]:
             console.print(f"  {n:>8,}  {reason}", markup=False, highlight=False)
     if result.aborted:
-        console.print(f"[bold red]run aborted:[/] {result.aborted}", highlight=False)
-        console.print(f"finished rows: {result.partial_path} ({result.rows_written:,} rows)", markup=False)
-    else:
-        console.print(f"output:  {result.export_path} ({result.rows_written:,} rows)", markup=False)
+        what = "interrupted" if result.interrupted else f"run aborted: {result.aborted}"
+        console.print(f"[bold red]{what}[/]", highlight=False)
+        console.print(f"finished batches are kept in {result.work_dir}; to resume, run the same command again:",
+                      markup=False, highlight=False)
+        if resume_command:
+            console.print(f"  {resume_command}", markup=False, highlight=False)
+        return
+    console.print(f"output:  {result.export_path} ({result.rows_written:,} rows)", markup=False)
     console.print(f"summary: {result.stats_path}", markup=False)

@@ -15,6 +15,14 @@ def add_parser(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key (dotted; 'op.KEY' = the tagger's argument); repeatable")
     p.add_argument("--limit", type=int, metavar="N", help="tag only the first N rows")
+    add_job_flags(p)
+    p.add_argument("--retry-failed", action="store_true",
+                   help="re-attempt only the images that have errors in the existing export")
+
+
+def add_job_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the answer cache")
+    p.add_argument("--overwrite", action="store_true", help="tag rows again even if they already have tags")
 
 
 def check_limit(limit: int | None) -> None:
@@ -23,13 +31,28 @@ def check_limit(limit: int | None) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    from vlmtag.cli import EXIT_ABORTED, EXIT_OK
     from vlmtag.config import load_recipe_dict, parse_recipe
+    from vlmtag.progress import progress_reporter
     from vlmtag.run import run_recipe
-    from vlmtag.summary import render_summary
+    from vlmtag.summary import exit_status, render_summary
 
     check_limit(args.limit)
-    recipe = parse_recipe(load_recipe_dict(args.config, args.overrides))
-    result = run_recipe(recipe, limit=args.limit)
-    render_summary(result, console)
-    return EXIT_ABORTED if result.aborted else EXIT_OK
+    overrides = list(args.overrides)
+    if args.no_cache:
+        overrides.append("use_cache=false")
+    if args.overwrite:
+        overrides.append("op.overwrite=true")
+    recipe = parse_recipe(load_recipe_dict(args.config, overrides))
+    with progress_reporter(console) as progress:
+        result = run_recipe(recipe, limit=args.limit, retry_failed=args.retry_failed, progress=progress)
+    render_summary(result, console, resume_command=_resume_command(args))
+    return exit_status(result)
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    parts = ["vlmtag", "run", "--config", args.config]
+    for o in args.overrides:
+        parts += ["--set", o]
+    if args.limit is not None:
+        parts += ["--limit", str(args.limit)]
+    return " ".join(parts)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 
 from rich.console import Console
 
-from vlmtag.cli.run import check_limit
+from vlmtag.cli.run import add_job_flags, check_limit
 from vlmtag.errors import ConfigError
 
 DEFAULT_QUICK_MODEL = "builtin:default"
@@ -23,13 +24,14 @@ def add_parser(sub) -> None:
     p.add_argument("--concurrency", type=int, default=32, help="API requests in flight (default 32)")
     p.add_argument("--json-schema", action="store_true", help="ask the server for structured output")
     p.add_argument("--limit", type=int, metavar="N", help="tag only the first N images")
+    add_job_flags(p)
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    from vlmtag.cli import EXIT_ABORTED, EXIT_OK
     from vlmtag.ops import ImageTaggingVLMMapper
-    from vlmtag.run import batched, image_rows, run_ops
-    from vlmtag.summary import render_summary
+    from vlmtag.progress import progress_reporter
+    from vlmtag.run import inline_shard, run_job
+    from vlmtag.summary import exit_status, render_summary
 
     check_limit(args.limit)
     if args.concurrency < 1:
@@ -42,9 +44,11 @@ def run(args: argparse.Namespace, console: Console) -> int:
         model_params={"base_url": args.api_base} if is_api else {},
         concurrency=args.concurrency,
         json_schema=args.json_schema,
+        overwrite=args.overwrite,
     )
-    rows = list(image_rows(args.paths))  # walks folders first, so a typo fails before any work
-    result = run_ops([op], batched(rows, op.options.batch_size), args.output,
-                     base_dir=os.getcwd(), dataset=",".join(args.paths), limit=args.limit)
-    render_summary(result, console)
-    return EXIT_ABORTED if result.aborted else EXIT_OK
+    shard = inline_shard(args.paths, os.getcwd())
+    with progress_reporter(console) as progress:
+        result = run_job([op], [shard], args.output, use_cache=not args.no_cache, limit=args.limit,
+                         dataset_label=",".join(args.paths), progress=progress)
+    render_summary(result, console, resume_command=shlex.join(["vlmtag", "tag", *args.paths, "-o", args.output]))
+    return exit_status(result)

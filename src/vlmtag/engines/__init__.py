@@ -21,4 +21,12 @@ def create_engine(settings: EngineSettings) -> Engine:
         from vlmtag.engines.embedded import EmbeddedEngine
 
         return EmbeddedEngine(settings)
-    raise EngineError(f"engine {settings.kind!r} is not available (expected one of: api, embedded)")
+    if settings.kind == "hf":
+        from vlmtag.engines.hf import HFEngine
+
+        return HFEngine(settings)
+    if settings.kind == "vllm":
+        from vlmtag.engines.vllm import VLLMEngine
+
+        return VLLMEngine(settings)
+    raise EngineError(f"engine {settings.kind!r} is not available (expected one of: api, embedded, hf, vllm)")

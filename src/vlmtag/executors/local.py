@@ -2,7 +2,7 @@
 
 Keeping more than one batch in flight matters for API engines: while one batch waits for its slowest
 request (or a retry), the next is already reading images and sending requests, so the server never idles
-at a batch boundary. Results are written strictly in input order.
+at a batch boundary. Results are handed back strictly in input order.
 """
 
 from __future__ import annotations
@@ -11,32 +11,39 @@ import collections
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Sequence
 
+from vlmtag.executors.base import WorkItem, apply_ops
+
 
 def run_local(
     ops: Sequence,
-    batches: Iterable[list[dict]],
-    write: Callable[[list[dict]], None],
+    items: Iterable[WorkItem],
+    done: Callable[[WorkItem, list[dict]], None],
     *,
-    base_dir: str | None,
     depth: int = 2,
 ) -> None:
-    """Run every batch through `ops` in order and hand each result to `write`, in input order."""
+    """Run every item through `ops` and hand each result to `done`, in input order.
 
-    def work(rows: list[dict]) -> list[dict]:
-        for op in ops:
-            rows = op.process_rows(rows, base_dir=base_dir)
-        return rows
-
-    pending: collections.deque[Future] = collections.deque()
+    On Ctrl-C, the batches already in flight are finished and handed over before the interrupt goes on,
+    so their requests are not paid for twice.
+    """
+    pending: collections.deque[tuple[WorkItem, Future]] = collections.deque()
     pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="vlmtag-batch")
     try:
-        for batch in batches:
-            pending.append(pool.submit(work, batch))
+        for item in items:
+            pending.append((item, pool.submit(apply_ops, ops, item)))
             while len(pending) >= depth:
-                write(pending.popleft().result())
+                item, future = pending.popleft()
+                done(item, future.result())
         while pending:
-            write(pending.popleft().result())
+            item, future = pending.popleft()
+            done(item, future.result())
+    except KeyboardInterrupt:
+        while pending:
+            item, future = pending.popleft()
+            if future.exception() is None:
+                done(item, future.result())
+        raise
     finally:
-        for f in pending:
-            f.cancel()
+        for _, future in pending:
+            future.cancel()
         pool.shutdown(wait=True, cancel_futures=True)

@@ -6,6 +6,8 @@ import abc
 import os
 from typing import Iterable
 
+from vlmtag.rowkeys import BYTES_KEY
+
 FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
 
 
@@ -21,6 +23,14 @@ def format_of(path: str) -> str:
         raise UnsupportedFormat(
             f"{path}: unsupported format {ext or '(no extension)'!r}; expected one of {', '.join(FORMATS)}"
         ) from None
+
+
+def output_row(row: dict) -> dict:
+    """The row as it is written: without the image bytes a reader attached (`BYTES_KEY`). Every writer calls
+    this; the caller's row is never changed."""
+    if BYTES_KEY in row:
+        return {k: v for k, v in row.items() if k != BYTES_KEY}
+    return row
 
 
 class RowWriter(abc.ABC):

