@@ -78,14 +78,14 @@ def _samples(path: str, tar_name: str) -> Iterator[dict]:
                     sample_key, ext = _split(name)
                     if not ext or os.path.basename(name).startswith("."):
                         continue
-                    data = tar.extractfile(info).read()
-                    if len(data) != info.size:
-                        raise tarfile.ReadError("unexpected end of data")
-                    if sample_key != key:
+                    if sample_key != key:  # a new key starts: the previous sample is whole
                         if members:
                             yield _row(tar_name, members)
                             done += 1
                         key, members = sample_key, []
+                    data = tar.extractfile(info).read()
+                    if len(data) != info.size:
+                        raise tarfile.ReadError("unexpected end of data")
                     members.append((name, ext.lower(), data))
                     current = f"(the header after {info.name})"
         except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
