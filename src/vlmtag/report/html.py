@@ -59,6 +59,15 @@ def _count(n: int, noun: str) -> str:
     return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
+def _compact(n: int | None) -> str:
+    if n is None:
+        return "—"
+    for size, unit, start in ((1e9, "B", 999_950_000), (1e6, "M", 999_950), (1e3, "k", 10_000)):
+        if n >= start:
+            return f"{n / size:,.1f}{unit}".replace(".0" + unit, unit)
+    return f"{n:,}"
+
+
 def _pct(part: int, whole: int) -> str:
     return f"{100 * part / whole:.1f}%" if whole else "—"
 
@@ -117,7 +126,8 @@ def _header(data: ReportData, stats: dict | None, export_name: str, images_root:
         _card("Tagged", _num(tagged), _pct(tagged or 0, images or 0) if images else "", "ok"),
         _card("Failed", _num(failed), _pct(failed or 0, images or 0) if images else "", "bad" if failed else ""),
         _card("Retries", _num(_int(s, "retries")), f"{_num(_int(s, 'requests'))} requests" if _int(s, "requests") is not None else ""),
-        _card("Tokens in / out", f"{_num(pin)} / {_num(pout)}"),
+        _card("Tokens in / out", f"{_compact(pin)} / {_compact(pout)}",
+              f"{_num(pin)} in · {_num(pout)} out" if pin is not None or pout is not None else ""),
         _card("Wall time", _duration(s.get("wall_seconds"))),
         _card("Images / s", f"{ips:,.2f}" if isinstance(ips, (int, float)) and not isinstance(ips, bool) else "—"),
     ]
@@ -311,7 +321,7 @@ code{font:12.5px/1.3 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;backgr
 .cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(140px,1fr));gap:10px;margin:12px 0}
 .card{border:1px solid var(--line);border-radius:8px;padding:10px 12px;background:#fbfcfd}
 .card .label{color:var(--muted);font-size:12px;text-transform:uppercase;letter-spacing:.04em}
-.card .value{font-size:22px;font-weight:650;font-variant-numeric:tabular-nums}
+.card .value{font-size:22px;font-weight:650;font-variant-numeric:tabular-nums;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
 .card .sub{color:var(--muted);font-size:12px}
 .card.ok .value{color:var(--ok)} .card.bad .value{color:var(--bad)}
 .badge{display:inline-block;border-radius:999px;padding:2px 10px;font-size:12px;font-weight:600;color:#fff;background:var(--muted);vertical-align:middle}
@@ -357,7 +367,7 @@ figcaption{padding:8px 10px 10px;display:flex;flex-direction:column;gap:3px;min-
 .cap{color:var(--muted);font-size:12px;display:-webkit-box;-webkit-line-clamp:2;-webkit-box-orient:vertical;overflow:hidden}
 table.co td:first-child{width:240px}
 table.reasons{width:auto;min-width:50%;margin-bottom:14px}
-table.failures td.path{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12.5px;overflow-wrap:anywhere}
+table.failures td.path{width:40%;font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12.5px;overflow-wrap:anywhere}
 table.failures td.reason{color:var(--bad);overflow-wrap:anywhere}
 .more{color:var(--muted);font-style:italic}
 footer{color:var(--muted);font-size:12px;text-align:center;margin-top:20px}
