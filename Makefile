@@ -23,6 +23,8 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/vlmtag run --config examples/demo.yaml
+	$(VENV)/bin/vlmtag report demo-output/demo-tagged.jsonl -o demo-output/report.html
+	@echo "Open the report in a browser: file://$(CURDIR)/demo-output/report.html"
 
 test: $(TESTSTAMP)
 	$(PY) -m pytest -q
