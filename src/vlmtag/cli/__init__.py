@@ -15,7 +15,7 @@ from vlmtag.engines import EngineError
 from vlmtag.errors import ConfigError
 
 EXIT_OK, EXIT_ABORTED, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
-COMMANDS = ("run", "tag", "report")  # modules vlmtag.cli.<name>
+COMMANDS = ("run", "tag", "report", "eval")  # modules vlmtag.cli.<name>
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict]:

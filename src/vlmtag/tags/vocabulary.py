@@ -58,7 +58,7 @@ from vlmtag.tags.normalize import normalize_tag
 
 UnmappedPolicy = Literal["keep", "drop", "separate"]
 POLICIES: tuple[str, ...] = ("keep", "drop", "separate")
-DEFAULT_EMBEDDING_THRESHOLD = 0.7
+DEFAULT_EMBEDDING_THRESHOLD = 0.8
 BUILTIN_PREFIX = "builtin:"
 _MAX_CACHED_TAGS = 200_000
 
@@ -345,23 +345,29 @@ class Vocabulary:
                 embedder = get_embedder(self.embedding_model)
                 rows = list(self.terms) + list(self.synonyms)
                 owners = list(self.terms) + [self.synonyms[s] for s in self.synonyms]
-                self._vectors = (embedder.encode([tag_text(r) for r in rows]), owners)
+                self._vectors = (embedder.encode([tag_text(r) for r in rows]), owners, rows)
                 self._embedder = embedder
             return self._vectors
 
     def _nearest(self, tags: list[str]) -> list[TagMatch]:
         from vlmtag.tags.embedding import tag_text
 
-        matrix, owners = self._load_vectors()
+        matrix, owners, rows = self._load_vectors()
         queries = self._embedder.encode([tag_text(t) for t in tags])
         sims = queries @ matrix.T
-        best = sims.argmax(axis=1)
         out = []
         for i, tag in enumerate(tags):
-            score = float(sims[i, best[i]])
-            if score >= self.embedding_threshold:
-                out.append(TagMatch(tag, owners[best[i]], "embedding", round(score, 4), owners[best[i]]))
-            else:
-                out.append(TagMatch(tag, None, None, round(score, 4), owners[best[i]]))
+            for j in sims[i].argsort()[::-1]:
+                if not _names_more_specific(rows[j], tag):
+                    break
+            score = round(float(sims[i, j]), 4)
+            term = owners[j] if score >= self.embedding_threshold else None
+            out.append(TagMatch(tag, term, "embedding" if term else None, score, owners[j]))
         return out
 
+
+def _names_more_specific(name: str, tag: str) -> bool:
+    """True when `name` spells out `tag` inside a longer name ("wine-bottle" for "wine", "snowplow" for
+    "snow"): embeddings put such names close, but they name a more specific thing than the tag."""
+    a, b = tag.replace("-", ""), name.replace("-", "")
+    return a != b and a in b
