@@ -34,3 +34,12 @@ def photo_dir(tmp_path_factory) -> Path:
 
 
 DEMO_DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "data-juicer-demo"
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random-weight Qwen2.5-VL and SmolVLM model folders, built from configs once per run (no download)."""
+    from tiny_vlm import build_tiny_qwen2_5_vl, build_tiny_smolvlm
+
+    root = tmp_path_factory.mktemp("tiny-vlms")
+    return {"qwen2_5_vl": build_tiny_qwen2_5_vl(root / "qwen2_5_vl"), "smolvlm": build_tiny_smolvlm(root / "smolvlm")}
