@@ -188,8 +188,13 @@ def run_job(
     prepare_rows: Callable[[list[dict]], list[dict]] | None = None,
     mode: str = "tag",
     progress: Callable[[dict], None] | None = None,
+    executor: Callable[..., None] = run_local,
 ) -> RunResult:
-    """Tag `shards` into `export_path`, resuming a job with the same identity if one was interrupted."""
+    """Tag `shards` into `export_path`, resuming a job with the same identity if one was interrupted.
+
+    `executor(ops, items, done)` runs the work items through the operators and calls `done(item, rows)` for
+    each, in input order (`executors.run_local` by default).
+    """
     the_plan = plan(shards, export_path, export_type)
     work_dir = work_dir or os.path.dirname(os.path.abspath(the_plan.export_path))
     state_root = os.path.join(work_dir, STATE_DIR)
@@ -244,7 +249,7 @@ def run_job(
     aborted = None
     interrupted = False
     try:
-        run_local(ops, items(), done)
+        executor(ops, items(), done)
     except RunAborted as e:
         aborted = str(e)
     except KeyboardInterrupt:

@@ -38,6 +38,15 @@ class TaggingStats:
             self.failed += 1
             self.failure_reasons[reason_kind(error)] += 1
 
+    def merge(self, other: dict) -> None:
+        """Add counters reported by a worker (another process or a Ray actor), as given by `as_dict`."""
+        with self._lock:
+            for name, value in other.items():
+                if name == "failure_reasons":
+                    self.failure_reasons.update(value)
+                elif isinstance(value, int):
+                    setattr(self, name, getattr(self, name) + value)
+
     def as_dict(self) -> dict:
         with self._lock:
             d = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}

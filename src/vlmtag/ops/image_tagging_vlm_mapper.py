@@ -196,6 +196,12 @@ class ImageTaggingVLMMapper:
         try_num: int = 3,
         **kwargs: Any,
     ) -> None:
+        # How to build this operator again in another process (executors for `np` > 1 and Ray need it).
+        self.spec = ("image_tagging_vlm_mapper", dict(
+            api_or_hf_model=api_or_hf_model, is_api_model=is_api_model, tag_field_name=tag_field_name,
+            api_endpoint=api_endpoint, response_path=response_path, system_prompt=system_prompt,
+            input_template=input_template, model_params=model_params, sampling_params=sampling_params,
+            try_num=try_num, **kwargs))
         ignored = {k: kwargs.pop(k) for k in list(kwargs) if k in DATA_JUICER_OP_ARGS}
         self.num_proc = ignored.get("num_proc")
         try:
