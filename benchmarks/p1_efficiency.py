@@ -4,8 +4,9 @@ The server (tests/openai_server.py, a separate process, answering from the image
 the client's own CPU is all that limits the rate. The dataset is 4,096 distinct small images (<= 64x64, PNG
 and JPEG files on disk, a JSONL dataset beside them). Compared in the same run, best of two rounds each:
 
-- vlmtag, whole process: a recipe run end to end (`vlmtag.run.run_recipe`: read the JSONL, load and prepare
-  each image, send, parse, write the export JSONL). The clock runs from the call to its return.
+- vlmtag, whole process: a recipe run end to end with default settings (`vlmtag.run.run_recipe`: read the
+  JSONL, load and prepare each image, send, parse, checkpoint, cache, write the export JSONL), each round in a
+  fresh folder so its answer cache starts empty. The clock runs from the call to its return.
 - an ideal client: request bodies encoded before the clock starts (same prompts, the file bytes as data URLs),
   then posted with raw async httpx at the same concurrency, each answer read as JSON, nothing written. Two
   shapes: one `AsyncClient` with a pool of N connections (the obvious way), and N single-connection clients
@@ -78,7 +79,7 @@ def vlmtag_rate(dataset: Path, export: Path, base_url: str, concurrency: int, ba
         1 for line in export.read_text().splitlines()
         for tags in json.loads(line)["__dj__meta__"]["image_tags"] if tags
     )
-    return result.stats["images"] / wall, tagged
+    return tagged / wall, tagged
 
 
 def payloads(dataset: Path) -> list[bytes]:
@@ -143,8 +144,11 @@ def main() -> int:
         tagged = []
         with ServerProcess(decode=False) as server:
             for r in range(args.rounds):
-                rate, n = vlmtag_rate(dataset, Path(tmp) / f"out{r}.jsonl", server.base_url,
-                                      args.concurrency, args.batch_size)
+                # A folder per round: the answer cache and job state live beside the export, so
+                # every round starts cold and sends every request.
+                export = Path(tmp) / f"round{r}" / "out.jsonl"
+                export.parent.mkdir()
+                rate, n = vlmtag_rate(dataset, export, server.base_url, args.concurrency, args.batch_size)
                 tagged.append(n)
                 best["vlmtag"] = max(best["vlmtag"], rate)
                 for shape, single in (("pool", False), ("single", True)):
