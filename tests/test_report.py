@@ -296,6 +296,8 @@ def test_custom_tag_field_and_empty_export(tmp_path):
     write_jsonl(export, [{"images": ["a.jpg"], "__dj__meta__": {"labels": [["x", "y"]], "labels_errors": [None]}}])
     result = write_report(str(export), tag_field="labels")
     assert (result.data.tagged, dict(result.data.tag_counts)) == (1, {"x": 1, "y": 1})
+    wrong = Path(write_report(str(export), str(tmp_path / "wrong.html")).path).read_text(encoding="utf-8")
+    assert "No row has the tag field &#x27;image_tags&#x27;; pick the right one with --field." in wrong
     empty = tmp_path / "e.jsonl"
     empty.write_text("")
     page = Path(write_report(str(empty)).path).read_text(encoding="utf-8")
@@ -379,3 +381,27 @@ def test_report_renders_in_chromium_and_runs_no_injected_script(hand_export, tmp
     shot = tmp_path / "report.png"
     chromium(url, tmp_path, f"--screenshot={shot}", "--window-size=1280,2400", "--hide-scrollbars")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000
+
+
+@needs_chromium
+def test_clicking_a_tag_and_typing_filter_the_gallery(hand_export, tmp_path):
+    """The page's filter reacts to a click on a chart tag and to typing. A driver script stands in for the user;
+    the page's policy only lets its own script run, so this test copy leaves the policy out."""
+    result = write_report(str(hand_export), str(tmp_path / "report.html"))
+    page = Path(result.path).read_text(encoding="utf-8")
+    page = re.sub(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", page)
+    driver = """<script>
+    var b = document.body, log = [];
+    function note() { log.push(b.getAttribute("data-shown") + ":" + b.getAttribute("data-filter")); }
+    document.querySelector('#chart button[data-tag="cat"]').click(); note();
+    document.querySelector('#chart button[data-tag="cat"]').click(); note();
+    var box = document.getElementById("filter");
+    box.value = "ROCK"; box.dispatchEvent(new Event("input")); note();
+    document.getElementById("failed-only").click(); box.value = ""; box.dispatchEvent(new Event("input")); note();
+    document.getElementById("clear").click(); note();
+    b.setAttribute("data-log", log.join("|"));
+    </script></body>"""
+    driven = tmp_path / "driven.html"
+    driven.write_text(page.replace("</body>", driver), encoding="utf-8")
+    dom = Dom(chromium(driven.as_uri(), tmp_path, "--dump-dom"))
+    assert dom.body()["data-log"] == "3:cat|8:|1:rock|2:|8:"

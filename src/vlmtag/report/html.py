@@ -486,6 +486,9 @@ def render(data: ReportData, stats: dict | None, thumbs: list[Thumbnail], *, exp
                 "The export's counts differ from the run's stats (rows that were already tagged before the run, "
                 "or an export edited since, are counted here but not in the run)."
             )
+    with_images = data.rows - data.rows_unreadable - data.rows_without_images
+    if with_images and data.rows_untagged == with_images:
+        notes.append(f"No row has the tag field {data.tag_field!r}; pick the right one with --field.")
     title = f"vlmtag report — {export_name}" if export_name else "vlmtag report"
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return f"""<!doctype html>
@@ -565,8 +568,10 @@ def write_report(
         raise ConfigError(f"max_gallery={max_gallery}: expected a number ≥ 0")
     if top_tags < 0:
         raise ConfigError(f"top_tags={top_tags}: expected a number ≥ 0")
-    if images_root is not None and not os.path.isdir(images_root):
-        raise ConfigError(f"--images-root={images_root!r}: no such folder")
+    if images_root is not None:
+        if not os.path.isdir(images_root):
+            raise ConfigError(f"--images-root={images_root!r}: no such folder")
+        images_root = os.path.abspath(images_root)
     rows = iter_export_rows(export_path)
     next_row = next(rows, None)  # open the file now, so a missing or unreadable export fails before any work
     stats, note = load_stats(export_path)
