@@ -172,8 +172,8 @@ def test_counts_failures_and_placeholders(hand_export, tmp_path):
     dom = Dom(page)
 
     assert (card(page, "Images"), card(page, "Tagged"), card(page, "Failed")) == ("8", "6", "2")
-    assert card(page, "Tokens in / out") == "12.3k / 678"
-    assert "12,345 in · 678 out" in page
+    assert (card(page, "Tokens in"), card(page, "Tokens out")) == ("12.3k", "678")
+    assert '<div class="sub">12,345</div>' in page
     assert "Qwen/Qwen2.5-VL-7B-Instruct" in page
     d = result.data
     assert (d.rows, d.images, d.tagged, d.failed, d.rows_without_images) == (8, 8, 6, 2, 1)
@@ -405,3 +405,16 @@ def test_clicking_a_tag_and_typing_filter_the_gallery(hand_export, tmp_path):
     driven.write_text(page.replace("</body>", driver), encoding="utf-8")
     dom = Dom(chromium(driven.as_uri(), tmp_path, "--dump-dom"))
     assert dom.body()["data-log"] == "3:cat|8:|1:rock|2:|8:"
+
+
+def test_report_of_an_aborted_run_finds_its_stats(hand_export, tmp_path):
+    """An aborted run leaves `tagged.partial.jsonl`; its stats stay under the export's name."""
+    partial = hand_export.with_name("tagged.partial.jsonl")
+    hand_export.rename(partial)
+    stats_path = hand_export.with_name("tagged.jsonl.stats.json")
+    stats = json.loads(stats_path.read_text())
+    stats.update(completed=False, aborted="stopped: 5 consecutive failures <b>")
+    stats_path.write_text(json.dumps(stats))
+    page = Path(write_report(str(partial), str(tmp_path / "r.html")).path).read_text(encoding="utf-8")
+    assert "aborted: stopped: 5 consecutive failures &lt;b&gt;" in page
+    assert card(page, "Retries") == "2"

@@ -126,8 +126,8 @@ def _header(data: ReportData, stats: dict | None, export_name: str, images_root:
         _card("Tagged", _num(tagged), _pct(tagged or 0, images or 0) if images else "", "ok"),
         _card("Failed", _num(failed), _pct(failed or 0, images or 0) if images else "", "bad" if failed else ""),
         _card("Retries", _num(_int(s, "retries")), f"{_num(_int(s, 'requests'))} requests" if _int(s, "requests") is not None else ""),
-        _card("Tokens in / out", f"{_compact(pin)} / {_compact(pout)}",
-              f"{_num(pin)} in · {_num(pout)} out" if pin is not None or pout is not None else ""),
+        _card("Tokens in", _compact(pin), _num(pin) if pin is not None and pin >= 10_000 else ""),
+        _card("Tokens out", _compact(pout), _num(pout) if pout is not None and pout >= 10_000 else ""),
         _card("Wall time", _duration(s.get("wall_seconds"))),
         _card("Images / s", f"{ips:,.2f}" if isinstance(ips, (int, float)) and not isinstance(ips, bool) else "—"),
     ]
@@ -318,10 +318,10 @@ section,header{background:var(--card);border:1px solid var(--line);border-radius
 .meta{color:var(--muted);margin:6px 0;display:flex;flex-wrap:wrap;gap:6px 18px}
 .kv .k{color:var(--muted)}
 code{font:12.5px/1.3 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;background:#f0f2f5;border-radius:4px;padding:1px 5px;overflow-wrap:anywhere}
-.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(140px,1fr));gap:10px;margin:12px 0}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(118px,1fr));gap:10px;margin:12px 0}
 .card{border:1px solid var(--line);border-radius:8px;padding:10px 12px;background:#fbfcfd}
 .card .label{color:var(--muted);font-size:12px;text-transform:uppercase;letter-spacing:.04em}
-.card .value{font-size:22px;font-weight:650;font-variant-numeric:tabular-nums;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
+.card .value{font-size:21px;font-weight:650;font-variant-numeric:tabular-nums;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
 .card .sub{color:var(--muted);font-size:12px}
 .card.ok .value{color:var(--ok)} .card.bad .value{color:var(--bad)}
 .badge{display:inline-block;border-radius:999px;padding:2px 10px;font-size:12px;font-weight:600;color:#fff;background:var(--muted);vertical-align:middle}
