@@ -277,3 +277,23 @@ def test_fold_candidates_include_the_base_form(word, base):
 @pytest.mark.parametrize("word", ["bus", "glass", "dress", "cactus", "famous", "cat", "café", "x"])
 def test_fold_leaves_base_forms_alone(word):
     assert fold_candidates(word) == []
+
+
+@needs_model
+def test_vocabulary_vectors_can_be_kept_on_disk(files, tmp_path, monkeypatch):
+    first = Vocabulary.from_files(files[0], files[1], embedding_cache_dir=tmp_path)
+    assert first.map_tag("kitty") == "cat"
+    assert len(list(tmp_path.glob("vocabulary-*.npy"))) == 1
+
+    from vlmtag.tags.embedding import get_embedder
+
+    embedder, encode = get_embedder(), get_embedder().encode
+
+    def encode_queries_only(texts, *args, **kwargs):
+        assert len(texts) == 1, "the vocabulary was embedded again instead of read from the cache"
+        return encode(texts, *args, **kwargs)
+
+    monkeypatch.setattr(embedder, "encode", encode_queries_only)
+    again = Vocabulary.from_files(files[0], files[1], embedding_cache_dir=tmp_path)
+    assert again.map_tag("automobile") == "car"
+    assert (again._vectors[0] == first._vectors[0]).all()

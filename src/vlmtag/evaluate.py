@@ -39,7 +39,7 @@ from __future__ import annotations
 import collections
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator
 
 from vlmtag.errors import ConfigError
 from vlmtag.tags.normalize import normalize_tag

@@ -9,7 +9,10 @@ lazy, so nothing heavy is imported until a tag actually needs its nearest neighb
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
+import os
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Sequence
@@ -85,6 +88,36 @@ class TextEmbedder:
             vectors = self._model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
                                          convert_to_numpy=True, show_progress_bar=False)
         return np.asarray(vectors, dtype=np.float32)
+
+    def encode_cached(self, texts: Sequence[str], cache_dir: str | os.PathLike | None = None):
+        """`encode`, kept in `cache_dir` (a .npy file named by a hash of the model and the texts) when given,
+        so a large vocabulary is embedded once, not once per process."""
+        import numpy as np
+
+        if cache_dir is None:
+            return self.encode(texts)
+        digest = hashlib.sha256("\n".join([self.name, *texts]).encode("utf-8")).hexdigest()[:32]
+        path = os.path.join(cache_dir, f"vocabulary-{digest}.npy")
+        try:
+            vectors = np.load(path)
+            if vectors.shape[0] == len(texts):
+                return vectors
+        except (OSError, ValueError):
+            pass
+        vectors = self.encode(texts)
+        try:  # a cache we cannot write is only slower
+            os.makedirs(cache_dir, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npy.tmp")
+        except OSError:
+            return vectors
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, vectors)
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        return vectors
 
     @property
     def dimension(self) -> int:
