@@ -27,7 +27,7 @@ import os
 import re
 import threading
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import httpx
 
@@ -416,6 +416,13 @@ class ApiEngine(Engine):
     # -- requests --------------------------------------------------------------------------------
 
     def generate(self, requests: Sequence[Request]) -> list[Response]:
+        return self.run_batch(requests, None)
+
+    def run_batch(
+        self, requests: Sequence[Request], on_response: Callable[[int, Response], None] | None
+    ) -> list[Response]:
+        """Like `generate`; `on_response(index, response)` is called as each answer arrives (on the engine's
+        event-loop thread), so the caller can keep finished work even if the process dies mid-batch."""
         if not requests:
             return []
         jobs: list[tuple[bytes, int] | Response] = []
@@ -430,7 +437,7 @@ class ApiEngine(Engine):
             jobs.append((payload, tokens))
         loop = self._ensure_loop()
         try:
-            future = asyncio.run_coroutine_threadsafe(self._run(jobs), loop)
+            future = asyncio.run_coroutine_threadsafe(self._run(jobs, on_response), loop)
         except RuntimeError:  # closed between the two lines above
             raise EngineError("the API engine was closed during generate") from None
         try:
@@ -441,10 +448,16 @@ class ApiEngine(Engine):
             future.cancel()
             raise
 
-    async def _run(self, jobs: list[tuple[bytes, int] | Response]) -> list[Response]:
-        sent = [job for job in jobs if isinstance(job, tuple)]
-        answers = iter(await asyncio.gather(*(self._one(*job) for job in sent)))
-        return [job if isinstance(job, Response) else next(answers) for job in jobs]
+    async def _run(
+        self, jobs: list[tuple[bytes, int] | Response], on_response: Callable[[int, Response], None] | None
+    ) -> list[Response]:
+        async def one(i: int, job: tuple[bytes, int] | Response) -> Response:
+            response = job if isinstance(job, Response) else await self._one(*job)
+            if on_response is not None:
+                on_response(i, response)
+            return response
+
+        return list(await asyncio.gather(*(one(i, job) for i, job in enumerate(jobs))))
 
     async def _one(self, payload: bytes, tokens: int) -> Response:
         assert self._idle is not None
