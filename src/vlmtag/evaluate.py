@@ -211,7 +211,7 @@ def load_gold(path: str, field: str = "image_tags", mapper: Mapper | None = None
             where = f"'{GOLD_LABELS_KEY}'"
         else:
             labels, errors = _as_list(meta.get(field)), _as_list(meta.get(f"{field}_errors"))
-            where = f"'{META_KEY}.{field}'"
+            where = f"'{GOLD_LABELS_KEY}' (or '{META_KEY}.{field}')"
         if labels is None or len(labels) != len(images):
             got = "none" if labels is None else f"{len(labels)} lists"
             raise ConfigError(f"--gold {path}: row {n}: expected {where} with one label list per image "

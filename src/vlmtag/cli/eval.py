@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from vlmtag.errors import ConfigError
+from vlmtag.evaluate import META_KEY
 
 
 def add_parser(sub) -> None:
@@ -65,6 +66,9 @@ def render(result, console: Console, top: int = 25) -> None:
     )
     for reason, n in list(c["failures_by_reason"].items())[:5]:
         console.print(f"  failed ({n}): {reason}", markup=False, highlight=False)
+    if c["untagged_images"] and not c["scored_images"]:
+        console.print(f"[yellow]no tag lists under {escape(META_KEY)}.{escape(result.settings['field'])}[/] "
+                      "in the predictions: is --field right?", highlight=False)
     if result.unmatched_example and not c["scored_images"]:
         pred_path, gold_path = result.unmatched_example
         console.print(f"[yellow]no predicted image has gold labels[/]: paths must match as written "
