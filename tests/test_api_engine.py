@@ -363,6 +363,7 @@ def test_close_is_idempotent_and_generate_reopens(server, make_engine):
 
 
 def test_throttled_engine_still_answers(server, make_engine):
+    pytest.importorskip("aiolimiter")
     engine = make_engine(max_requests_per_minute=6000, max_tokens_per_minute=1_000_000)
     assert all(r.ok for r in engine.generate([request(im) for im in distinct_images(3)]))
 
