@@ -157,9 +157,24 @@ def test_truncated_tar_keeps_the_whole_samples_then_names_the_member(tmp_path, p
     assert isinstance(e.value, (ShardReadError, ValueError))
     assert "00007.tar" in str(e.value) and "000000002.jpg" in str(e.value)
 
+    boundary = tmp_path / "00008.tar"  # cut exactly between two samples: no end-of-archive marker
+    boundary.write_bytes(data[: third_jpg.offset])
+    with pytest.raises(CorruptTar, match="00008.tar.*end-of-archive"):
+        rows_of(boundary)
+
     (tmp_path / "junk.tar").write_bytes(b"this is not a tar file" * 10)
     with pytest.raises(CorruptTar, match="junk.tar"):
         rows_of(tmp_path / "junk.tar")
+
+
+def test_tar_with_scattered_samples_is_refused_with_the_fix(tmp_path, photo_dir):
+    # `tar -cf` stores files in directory order, so a sample's jpg/json/txt are not together.
+    path = tmp_path / "scattered.tar"
+    with tarfile.open(path, "w") as tar:
+        for name in ("000000001.jpg", "000000000.txt", "000000001.json", "000000000.jpg"):
+            add_member(tar, name, b"x")
+    with pytest.raises(CorruptTar, match=r"000000001.*not next to each other.*tar --sort=name"):
+        rows_of(path)
 
 
 # ------------------------------------------------------------------------------------- Parquet image bytes

@@ -16,14 +16,19 @@ file name (`000000001.jpg`, `000000001.json`, `000000001.txt` are sample `000000
 Members of other kinds (`.cls`, `.npy`, ...) are ignored. A `KEY.json` that is not a JSON object does not cost
 the row: the row keeps its images and gets `INVALID_ROW_KEY` with the member and the reason.
 
+Members of a sample must be next to each other, as WebDataset requires; a tar made with a plain `tar -cf`
+(directory order) scatters them, and a key seen again among the last few thousand samples is an error that
+says how to rebuild the tar, rather than rows silently split in two.
+
 A truncated or corrupt tar: every sample finished before the damage is yielded, then `CorruptTar` (a
 `ValueError`) names the tar and the member being read. The sample being read is not yielded, since it may be
-missing members. A tar cut exactly between two members cannot be told from a complete one (tar has no
-mandatory end marker that `tarfile` checks), so it reads as a shorter shard.
+missing members. A tar must end with its end-of-archive marker (every tar writer puts one), so a tar cut
+exactly between two members is an error too, not a shorter shard.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import tarfile
@@ -63,10 +68,11 @@ def _samples(path: str, tar_name: str) -> Iterator[dict]:
     key: str | None = None
     done = 0  # samples yielded
     members: list[tuple[str, str, bytes]] = []  # (member name, extension, data) of the current sample
+    recent = _RecentKeys(4096)
     current = "(the tar header)"
     with filesystem.open_input(path, "rb") as f:
         try:
-            with tarfile.open(fileobj=f, mode=_mode(path, f)) as tar:
+            with tarfile.open(fileobj=f, mode=_mode(path, f), tarinfo=_StrictTarInfo) as tar:
                 while (info := tar.next()) is not None:
                     current = info.name
                     # A TarFile remembers every member it has seen; forget them, or memory grows with the shard.
@@ -81,12 +87,21 @@ def _samples(path: str, tar_name: str) -> Iterator[dict]:
                         if members:
                             yield _row(tar_name, members)
                             done += 1
+                        if sample_key in recent:
+                            raise _NotAdjacent(
+                                f"{path}: the members of sample {sample_key!r} are not next to each other (at "
+                                f"{info.name}); WebDataset needs each sample's files together: build the tar with "
+                                "`tar --sort=name -cf ...` or a WebDataset writer"
+                            )
+                        recent.remember(sample_key)
                         key, members = sample_key, []
                     data = tar.extractfile(info).read()
                     if len(data) != info.size:
                         raise tarfile.ReadError("unexpected end of data")
                     members.append((name, ext.lower(), data))
                     current = f"(the header after {info.name})"
+        except _NotAdjacent as e:
+            raise CorruptTar(str(e)) from None
         except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
             # `members` may be incomplete; everything yielded before is whole.
             raise CorruptTar(
@@ -94,6 +109,46 @@ def _samples(path: str, tar_name: str) -> Iterator[dict]:
             ) from None
     if members:
         yield _row(tar_name, members)
+
+
+class _NotAdjacent(Exception):
+    pass
+
+
+class _RecentKeys:
+    """The last `size` sample keys, to catch a tar whose samples are scattered (`tar -cf` in directory order)
+    without remembering every key of a large shard."""
+
+    def __init__(self, size: int) -> None:
+        self._order: collections.deque[str] = collections.deque()
+        self._keys: set[str] = set()
+        self._size = size
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._keys
+
+    def remember(self, key: str) -> None:
+        self._order.append(key)
+        self._keys.add(key)
+        if len(self._order) > self._size:
+            self._keys.discard(self._order.popleft())
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """`tarfile` takes a missing, cut or garbled header after the first member for the end of the archive, so a
+    tar cut between two members would read as a shorter, whole one. Only the end-of-archive marker (a block of
+    zeros) ends it here; anything else is an error."""
+
+    @classmethod
+    def frombuf(cls, buf, encoding, errors):
+        try:
+            return super().frombuf(buf, encoding, errors)
+        except tarfile.EOFHeaderError:
+            raise  # the end-of-archive marker
+        except tarfile.EmptyHeaderError:
+            raise tarfile.ReadError("the file ends without the end-of-archive marker") from None
+        except tarfile.HeaderError as e:
+            raise tarfile.ReadError(f"bad header: {e}") from None
 
 
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
