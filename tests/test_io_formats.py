@@ -401,3 +401,14 @@ def test_end_to_end_parquet_image_bytes(tmp_path, photo_dir):
         assert meta["image_tags_errors"] == [None] and meta["image_tags"][0]
         if name in EXPECTED:
             assert EXPECTED[name] in meta["image_tags"][0]
+
+
+def test_end_to_end_remote_webdataset_shard(tmp_path, photo_dir, memory_root):
+    write_img2dataset_shard(tmp_path / "00000.tar", photo_dir)
+    put(f"{memory_root}/wds/00000.tar", (tmp_path / "00000.tar").read_bytes())
+    out = tmp_path / "tagged.jsonl"
+    run_cli(tmp_path, f"{memory_root}/wds/00000.tar", out)
+    rows = read_jsonl(out)
+    assert [r["images"] for r in rows] == [[f"00000.tar#{i:09d}.jpg"] for i in range(4)]
+    assert "cup" in rows[1]["__dj__meta__"]["image_tags"][0]
+    assert all(r["__dj__meta__"]["image_tags_errors"] == [None] for r in rows)
