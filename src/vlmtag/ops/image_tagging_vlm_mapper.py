@@ -17,8 +17,8 @@ import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Callable, Literal, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tenacity import Retrying, retry_if_result, stop_after_attempt, wait_exponential, wait_random
@@ -40,6 +40,9 @@ from vlmtag.prompts import (
 from vlmtag.stats import TaggingStats
 from vlmtag.tags import TagParseError, parse_output, tags_json_schema
 
+if TYPE_CHECKING:
+    from vlmtag.tags.vocabulary import Vocabulary
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
@@ -53,6 +56,7 @@ DATA_JUICER_OP_ARGS = frozenset(
 )
 _AUTH_STATUSES = frozenset({401, 403, 404})
 _MAX_RETRY_AFTER = 300.0
+_MAX_ENUM_TERMS = 2000  # beyond this a schema enum is too large for most constrained decoders
 # model_params that configure the client, not the answer: left out of the cache key (and never stored).
 _CLIENT_PARAMS = frozenset({"api_key", "base_url", "timeout", "max_retries", "headers", "default_headers",
                             "default_query", "organization", "project"})
@@ -85,6 +89,12 @@ class TaggerOptions(BaseModel):
     max_backoff: float = Field(60.0, ge=0)
     fail_fast: bool = True
     overwrite: bool = Field(False, description="tag rows again even when they already have the tag field")
+    vocabulary: Optional[str] = Field(None, description="file of allowed terms, or builtin:coco-imagenet")
+    synonyms: Optional[str] = Field(None, description="file of `term: synonym, synonym` lines")
+    unmapped: Literal["keep", "drop", "separate"] = "keep"
+    vocabulary_threshold: float = Field(0.8, gt=0, le=1, description="embedding similarity to map a tag")
+    vocabulary_embeddings: bool = True
+    constrain_to_vocabulary: bool = Field(False, description="structured output limited to the terms (enum)")
     image_workers: int = Field(16, ge=1, description="threads that read and resize images")
     fetch_timeout: float = Field(30.0, gt=0, description="seconds to read an image URL")
     max_image_bytes: int = Field(50 * 1024 * 1024, ge=1)
@@ -134,6 +144,7 @@ def resolve_engine_kind(model: str, is_api_model: bool, engine: str | None) -> s
 class _Outcome:
     tags: list[str] | None = None
     error: str | None = None
+    unmapped: list[str] = field(default_factory=list)
 
 
 class _Breaker:
@@ -226,7 +237,12 @@ class ImageTaggingVLMMapper:
         self.system_prompt = opts.system_prompt if opts.system_prompt is not None else DEFAULT_SYSTEM_PROMPT
         self.input_template = opts.input_template if opts.input_template is not None else DEFAULT_INPUT_TEMPLATE
         self.engine_kind = resolve_engine_kind(opts.api_or_hf_model, opts.is_api_model, opts.engine)
-        self.json_schema = tags_json_schema(opts.max_tags, opts.max_tag_length) if opts.json_schema else None
+        self.vocabulary = self._load_vocabulary(opts)
+        self.unmapped_field_name = opts.tag_field_name + "_unmapped"
+        self.json_schema = None
+        if opts.json_schema:
+            enum = self.vocabulary.json_enum(max_terms=_MAX_ENUM_TERMS) if opts.constrain_to_vocabulary else None
+            self.json_schema = tags_json_schema(opts.max_tags, opts.max_tag_length, enum=enum)
         self.stats = TaggingStats()
         self.cache: AnswerCache | None = None  # attached by the executor; None = no cache
         self._engine: Engine | None = None
@@ -280,8 +296,36 @@ class ImageTaggingVLMMapper:
     # -- parsing -----------------------------------------------------------------------------------------------
 
     def parse_output(self, raw: str) -> list[str]:
-        """Normalised tags from one raw model answer; raises `TagParseError` (a ValueError) when there are none."""
-        return parse_output(raw, max_tags=self.options.max_tags, max_tag_length=self.options.max_tag_length)
+        """Normalised tags from one raw model answer; raises `TagParseError` (a ValueError) when there are none.
+        With a vocabulary, tags are mapped onto it (normalise → map → drop duplicates → first `max_tags`)."""
+        return self._finish([self._read_answer(raw)])[0][0]
+
+    def _read_answer(self, raw: str) -> list[str]:
+        """Normalised tags, not yet mapped or cut to `max_tags` when a vocabulary will map them."""
+        o = self.options
+        limit = 10**9 if self.vocabulary is not None else o.max_tags
+        return parse_output(raw, max_tags=limit, max_tag_length=o.max_tag_length)
+
+    def _finish(self, tag_lists: list[list[str]]) -> list[tuple[list[str], list[str]]]:
+        """(tags, unmapped tags) per list: vocabulary mapping (one batch) and the `max_tags` cut."""
+        if self.vocabulary is None:
+            return [(tags, []) for tags in tag_lists]
+        mapped = self.vocabulary.map_tag_lists(tag_lists, self.options.unmapped)
+        return [(kept[: self.options.max_tags], unmapped) for kept, unmapped in mapped]
+
+    @staticmethod
+    def _load_vocabulary(opts: "_Options") -> "Vocabulary | None":
+        if opts.vocabulary is None:
+            if opts.synonyms or opts.constrain_to_vocabulary:
+                raise ConfigError("image_tagging_vlm_mapper: synonyms/constrain_to_vocabulary need a vocabulary")
+            return None
+        from vlmtag.tags.vocabulary import Vocabulary
+
+        try:
+            return Vocabulary.from_files(opts.vocabulary, opts.synonyms, embedding_threshold=opts.vocabulary_threshold,
+                                         use_embeddings=opts.vocabulary_embeddings)
+        except ConfigError as e:
+            raise ConfigError(f"image_tagging_vlm_mapper: {e}") from None
 
     # -- Data-Juicer entry points -----------------------------------------------------------------------------
 
@@ -338,6 +382,7 @@ class ImageTaggingVLMMapper:
         requests: dict[tuple[int, str], int] = {}  # (image index, prompt) -> request index
         slots: list[tuple[int, int, int]] = []  # (row, position in images, request index)
         skipped = 0
+        separate = self.vocabulary is not None and o.unmapped == "separate"
         for i, meta in enumerate(metas):
             meta = {} if meta is None else meta
             if not isinstance(meta, dict) or (self.tag_field_name in meta and not o.overwrite):
@@ -352,6 +397,8 @@ class ImageTaggingVLMMapper:
                 row_images = [None] * len(row_bytes)
             meta[self.tag_field_name] = [[] for _ in row_images] or [[]]
             meta[self.error_field_name] = [None] * len(meta[self.tag_field_name])
+            if separate:
+                meta[self.unmapped_field_name] = [[] for _ in meta[self.tag_field_name]]
             if not row_images:
                 continue
             prompt = fill_template(self.input_template, clean_text(texts[i], tokens))
@@ -365,11 +412,16 @@ class ImageTaggingVLMMapper:
         self.stats.add(rows=len(metas), rows_skipped=skipped, images=len(slots))
 
         outcomes = self._tag_distinct(sources, list(requests), base_dir)
+        done = [k for k, o in enumerate(outcomes) if o.tags is not None]
+        for k, (tags, unmapped) in zip(done, self._finish([outcomes[k].tags for k in done])):
+            outcomes[k].tags, outcomes[k].unmapped = tags, unmapped
         for i, j, r in slots:
             outcome = outcomes[r]
             meta = new_metas[i]
             if outcome.tags is not None:
                 meta[self.tag_field_name][j] = list(outcome.tags)
+                if separate:
+                    meta[self.unmapped_field_name][j] = list(outcome.unmapped)
                 self.stats.add(tagged=1)
             else:
                 meta[self.error_field_name][j] = outcome.error
@@ -415,7 +467,7 @@ class ImageTaggingVLMMapper:
             for r, key in enumerate(keys):
                 if key in hits:
                     try:
-                        outcomes[r].tags = self.parse_output(hits[key])
+                        outcomes[r].tags = self._read_answer(hits[key])
                         self.stats.add(cached=1)
                     except TagParseError:
                         pass  # e.g. stricter max_tag_length now: ask again
@@ -479,7 +531,7 @@ class ImageTaggingVLMMapper:
                 k = batch[i]
                 if resp.ok:
                     try:
-                        outcomes[k].tags = self.parse_output(resp.text or "")
+                        outcomes[k].tags = self._read_answer(resp.text or "")
                     except TagParseError as e:
                         resp = Response(error=f"unparsable answer: {e}", retryable=True, usage=resp.usage)
                     else:

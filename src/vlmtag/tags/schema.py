@@ -14,13 +14,16 @@ def tag_pattern(max_tag_length: int) -> str:
     return f"^[a-z0-9][a-z0-9-]{{0,{max_tag_length - 1}}}$"
 
 
-def tags_json_schema(max_tags: int = 10, max_tag_length: int = 50) -> dict[str, Any]:
+def tags_json_schema(max_tags: int = 10, max_tag_length: int = 50, enum: list[str] | None = None) -> dict[str, Any]:
+    """The schema; with `enum`, each tag must be one of those terms (no pattern: terms may hold other characters)."""
+    item: dict[str, Any] = {"type": "string", "enum": list(enum)} if enum else {
+        "type": "string", "pattern": tag_pattern(max_tag_length)}
     return {
         "type": "object",
         "properties": {
             "tags": {
                 "type": "array",
-                "items": {"type": "string", "pattern": tag_pattern(max_tag_length)},
+                "items": item,
                 "minItems": 1,
                 "maxItems": max_tags,
             }
