@@ -142,8 +142,6 @@ def parse_recipe(raw: dict) -> Recipe:
     for i, item in enumerate(recipe.process):
         if len(item) != 1:
             raise ConfigError(f"recipe: process[{i}]: expected one operator name per list item, got {sorted(item)}")
-    if recipe.executor_type == "ray":
-        raise ConfigError("recipe: executor_type='ray': the Ray executor is not available in this version; use 'default'")
     return recipe
 
 

@@ -7,6 +7,7 @@ are kept in `<work_dir>/.vlmtag/jobs/<id>/`, so rerunning the same command after
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -384,7 +385,26 @@ def run_recipe(
         prepare_rows=_without_failures(ops[0].tag_field_name) if retry_failed else None,
         mode="retry-failed" if retry_failed else "tag",
         progress=progress,
+        executor=_pick_executor(recipe, ops),
     )
+
+
+def _pick_executor(recipe: Recipe, ops: Sequence) -> Callable[..., None]:
+    """`executor_type: ray` -> Ray Data; `np` > 1 -> that many processes, except for API engines (one process
+    already keeps `concurrency` requests in flight); else the local executor."""
+    if recipe.executor_type == "ray":
+        from vlmtag.executors.ray import ray_executor
+
+        return ray_executor(recipe.ray_address, np=recipe.np)
+    if recipe.np > 1:
+        if any(op.engine_kind == "api" for op in ops):
+            log.warning("np=%d is not used with an API engine: one process keeps `concurrency` requests in flight "
+                        "(raise `concurrency` instead)", recipe.np)
+        else:
+            from vlmtag.executors.processes import run_processes
+
+            return functools.partial(run_processes, workers=recipe.np)
+    return run_local
 
 
 def inline_shard(paths: Sequence[str], base_dir: str) -> Shard:

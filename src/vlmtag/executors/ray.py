@@ -1,0 +1,336 @@
+"""`executor_type: ray`: the same recipe on Ray Data, on this machine or a cluster.
+
+The pipeline is read -> `map_batches` with an actor pool -> back to the driver:
+
+- read: the driver streams its work items (batches of rows still to do; finished ones were skipped by the job
+  layer) into a small Ray queue, and one read task turns each into a one-row block. A work item travels as a
+  single binary value (its rows pickled: nested dicts and image bytes do not map well to Arrow columns). No
+  more than about 2 x pool size items are on their way at once, so memory stays flat however large the input.
+- map: a pool of actors (Ray Data `ActorPoolStrategy`); each rebuilds the operators from their specs and builds
+  its engine once. Pool size: the operator's `num_proc`, else the recipe's `np` (as Data-Juicer does). Each
+  actor asks for `num_gpus` GPUs: the operator's `num_gpus` when given, else for a local model (hf/vllm)
+  `tensor_parallel_size` or 1 when the cluster has GPUs, else 0. The operator's `concurrency` stays the number
+  of API requests in flight per actor.
+- back: results come back to the driver, are put in input order (a bounded reorder buffer) and handed to
+  `done`, which writes the job's checkpoint chunks exactly as with the local executor. Resume state therefore
+  lives with the driver (its `work_dir`); a rerun of the same recipe resumes from there.
+
+Answer cache: each actor opens the driver's SQLite cache path. On one machine that is the very same cache
+(WAL mode, safe for several processes). On a multi-node cluster, each node opens that path on its own disk:
+caches per node, so an answer cached on another node is simply asked again. Keep `cache_path` on node-local
+disk; do not put the SQLite file on a network filesystem (NFS locking is unreliable; SQLite can corrupt).
+
+Images are read by the actors: relative paths resolve against the dataset's folder on the driver, so on a
+multi-node cluster that folder must be at the same path on every node (a shared filesystem), or images must be
+URLs or bytes inside the rows (WebDataset, Parquet image columns).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import inspect
+import logging
+import pickle
+import queue as queue_module
+import threading
+from typing import Any, Callable, Iterable, Sequence
+
+from vlmtag.errors import ConfigError
+from vlmtag.executors.base import WorkItem
+from vlmtag.executors.worker import OpWorker, WorkerResult, cache_path, merge_stats, op_specs, portable, release_engines
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "executor_type: ray needs Ray, which is not installed: pip install 'vlmtag[ray]'"
+LOCAL_ENGINES = ("hf", "vllm")
+_END = object()
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+        import ray.data  # noqa: F401
+        import ray.util.queue  # noqa: F401
+    except ImportError:
+        raise ConfigError(INSTALL_HINT) from None
+    return ray
+
+
+def ray_executor(address: str = "auto", np: int = 1) -> Callable[..., None]:
+    """The executor for `run_job`; fails now, with one line, when Ray is not installed."""
+    import_ray()
+    return functools.partial(run_ray, address=address, np=np)
+
+
+def connect(ray: Any, address: str | None) -> bool:
+    """Connect to (or start) Ray. True when this call did it, so the caller shuts it down again afterwards.
+
+    `auto`: the cluster this machine belongs to (`ray start --head`, `RAY_ADDRESS`), else a new local instance;
+    `local`: a new local instance; `ray://host:10001` (Ray Client) or `host:6379`: that cluster.
+    """
+    if ray.is_initialized():
+        return False
+    if address in (None, "", "local"):
+        ray.init()
+        return True
+    try:
+        ray.init(address=address)
+    except ConnectionError as e:
+        if address != "auto":
+            raise ConfigError(f"ray_address={address!r}: cannot connect to Ray: {str(e).splitlines()[0]}") from None
+        log.warning("ray_address: auto found no running Ray cluster; starting a local Ray instance on this machine")
+        ray.init()
+    return True
+
+
+def pool_size(ops: Sequence, np: int) -> int:
+    """The operator's `num_proc` when set (Data-Juicer's per-op override), else the recipe's `np`."""
+    for op in ops:
+        n = getattr(op, "num_proc", None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return max(1, int(np))
+
+
+def actor_resources(ops: Sequence, cluster_gpus: float) -> dict[str, float]:
+    """CPUs and GPUs each actor asks Ray for (the largest any operator needs)."""
+    num_cpus, num_gpus = 1.0, 0.0
+    for op in ops:
+        kwargs = op.spec[1]
+        if kwargs.get("num_cpus") is not None:
+            num_cpus = float(kwargs["num_cpus"])
+        if kwargs.get("num_gpus") is not None:
+            gpus = float(kwargs["num_gpus"])
+        elif op.engine_kind in LOCAL_ENGINES and kwargs.get("accelerator") != "cpu" and (
+            cluster_gpus > 0 or kwargs.get("accelerator") == "cuda"
+        ):
+            gpus = float((kwargs.get("model_params") or {}).get("tensor_parallel_size") or 1)
+        else:
+            gpus = 0.0
+        num_gpus = max(num_gpus, gpus)
+    return {"num_cpus": num_cpus, "num_gpus": num_gpus}
+
+
+class TagActor:
+    """A Ray Data actor: the operators, rebuilt once from their specs; one work item per call."""
+
+    def __init__(self, specs: list, cache: str | None) -> None:
+        self.worker: OpWorker | None = None
+        self.init_error: BaseException | None = None
+        try:
+            self.worker = OpWorker(specs, cache)
+        except Exception as e:  # reported with each item, as the same exception type, not as a dead actor
+            self.init_error = portable(e)
+
+    def __call__(self, batch: Any) -> Any:
+        import pyarrow as pa
+
+        results = []
+        for payload in batch.column("payload").to_pylist():
+            if self.worker is None:
+                result = WorkerResult(error=self.init_error)
+            else:
+                rows, base_dir = pickle.loads(payload)
+                result = self.worker.run(rows, base_dir)
+            results.append(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+        return pa.table({"idx": batch.column("idx"), "result": pa.array(results, pa.large_binary())})
+
+
+def _queue_source(work_queue: Any) -> Any:
+    """A Ray Data datasource with one read task that yields a one-row block per item taken from `work_queue`
+    (until None), so the dataset streams from the driver instead of being materialised first."""
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    known = inspect.signature(BlockMetadata).parameters
+    metadata = BlockMetadata(**{k: None for k in ("num_rows", "size_bytes", "schema", "input_files", "exec_stats")
+                                if k in known})
+
+    def read() -> Iterable[Any]:
+        import pyarrow as pa
+
+        while True:
+            message = work_queue.get()
+            if message is None:
+                return
+            idx, payload = message
+            yield pa.table({"idx": pa.array([idx], pa.int64()), "payload": pa.array([payload], pa.large_binary())})
+
+    class QueueSource(Datasource):
+        def estimate_inmemory_data_size(self) -> None:
+            return None
+
+        def get_read_tasks(self, parallelism: int, **kwargs: Any) -> list:
+            return [ReadTask(read, metadata)]
+
+    return QueueSource()
+
+
+def run_ray(
+    ops: Sequence,
+    items: Iterable[WorkItem],
+    done: Callable[[WorkItem, list[dict]], None],
+    *,
+    address: str | None = "auto",
+    np: int = 1,
+    max_in_flight: int | None = None,
+) -> None:
+    """Run every item through `ops` on a Ray Data actor pool; `done` gets each result in input order.
+
+    On Ctrl-C the items already sent are finished and handed to `done` before the interrupt goes on (a second
+    Ctrl-C stops at once). An exception raised by an operator in an actor (e.g. `RunAborted`) is raised here
+    with its type and message.
+    """
+    ray = import_ray()
+    started = connect(ray, address)
+    try:
+        _Pipeline(ray, ops, np, max_in_flight).run(items, done)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+class _Pipeline:
+    def __init__(self, ray: Any, ops: Sequence, np: int, max_in_flight: int | None) -> None:
+        self.ray, self.ops = ray, ops
+        self.pool = pool_size(ops, np)
+        self.max_in_flight = max_in_flight or 2 * self.pool
+        self.resources = actor_resources(ops, ray.cluster_resources().get("GPU", 0))
+        self.results: queue_module.Queue = queue_module.Queue()
+        self.pending: collections.deque[tuple[int, WorkItem]] = collections.deque()
+        self.arrived: dict[int, bytes] = {}
+        self.sent = 0
+        self.end_sent = False
+        self.stream_ended = False
+
+    # -- the Ray side ------------------------------------------------------------------------------------------
+
+    def _dataset(self, work_queue: Any) -> Any:
+        rd = self.ray.data
+        read_params = inspect.signature(rd.read_datasource).parameters
+        # The read task only waits on the queue: it must not take a CPU the actors need.
+        read_args = {"num_cpus": 0} if "num_cpus" in read_params else {"ray_remote_args": {"num_cpus": 0}}
+        ds = rd.read_datasource(_queue_source(work_queue), override_num_blocks=1, **read_args)
+        specs, cache = op_specs(self.ops), cache_path(self.ops)
+        log.info("Ray: %d actor(s), %s each", self.pool, self.resources)
+        return ds.map_batches(
+            TagActor,
+            fn_constructor_args=(specs, cache),
+            batch_size=1,
+            batch_format="pyarrow",
+            compute=rd.ActorPoolStrategy(size=self.pool),
+            **self.resources,
+        )
+
+    def _collect(self, ds: Any) -> None:
+        """In a thread: results as they come out of Ray (in whatever order), into `self.results`."""
+        try:
+            for row in ds.iter_rows():
+                self.results.put((int(row["idx"]), row["result"]))
+        except BaseException as e:
+            self.results.put(e)
+        finally:
+            self.results.put(_END)
+
+    # -- the driver side ---------------------------------------------------------------------------------------
+
+    def run(self, items: Iterable[WorkItem], done: Callable[[WorkItem, list[dict]], None]) -> None:
+        from ray.util.queue import Queue
+
+        ctx = self.ray.data.DataContext.get_current()
+        saved = (ctx.target_max_block_size, ctx.enable_progress_bars)
+        data_log = logging.getLogger("ray.data")
+        saved_level = data_log.level
+        # Blocks of one item each, passed on at once: without this, the read task would hold items back
+        # until a block of many MiB is full. vlmtag shows its own progress line.
+        ctx.target_max_block_size, ctx.enable_progress_bars = 1, False
+        data_log.setLevel(max(saved_level, logging.WARNING))
+        work_queue = Queue(actor_options={"num_cpus": 0})
+        collector = None
+        try:
+            collector = threading.Thread(target=self._collect, args=(self._dataset(work_queue),),
+                                         name="vlmtag-ray-results", daemon=True)
+            collector.start()
+            try:
+                self._feed_and_finish(iter(items), work_queue, done)
+            except KeyboardInterrupt:
+                self._drain(work_queue, done)
+                raise
+            self._wait_end()
+        finally:
+            ctx.target_max_block_size, ctx.enable_progress_bars = saved
+            data_log.setLevel(saved_level)
+            try:
+                work_queue.shutdown(force=True)  # also ends the read task, and so the dataset, after an error
+            except Exception:
+                pass
+            if collector is not None:
+                collector.join(timeout=60)
+
+    def _send(self, work_queue: Any, items: Any) -> None:
+        """Keep up to `max_in_flight` items on their way; after the last one, the end marker."""
+        while not self.end_sent and len(self.pending) < self.max_in_flight:
+            item = next(items, None)
+            if item is None:
+                work_queue.put(None)
+                self.end_sent = True
+                return
+            work_queue.put((self.sent, pickle.dumps((item.rows, item.base_dir), protocol=pickle.HIGHEST_PROTOCOL)))
+            self.pending.append((self.sent, item))
+            self.sent += 1
+
+    def _next_result(self) -> WorkerResult | None:
+        """The result of the oldest pending item (waiting for it); None when the stream ended without it."""
+        idx = self.pending[0][0]
+        while idx not in self.arrived:
+            if self.stream_ended:
+                return None
+            message = self.results.get()
+            if message is _END:
+                self.stream_ended = True
+            elif isinstance(message, BaseException):
+                raise message
+            elif message[0] >= idx:  # anything older was given up on (Ctrl-C during a put)
+                self.arrived[message[0]] = message[1]
+        self.pending.popleft()
+        result: WorkerResult = pickle.loads(self.arrived.pop(idx))
+        merge_stats(self.ops, result)
+        return result
+
+    def _feed_and_finish(self, items: Any, work_queue: Any, done: Callable) -> None:
+        while True:
+            self._send(work_queue, items)
+            if not self.pending:
+                return
+            _, item = self.pending[0]
+            result = self._next_result()
+            if result is None:
+                raise RuntimeError("the Ray pipeline stopped before every item was processed")
+            if result.error is not None:
+                raise result.error
+            done(item, result.rows)
+
+    def _drain(self, work_queue: Any, done: Callable) -> None:
+        """After Ctrl-C: send nothing more, finish what was sent (a failed item is left for the rerun)."""
+        if not self.end_sent:
+            work_queue.put(None)
+            self.end_sent = True
+        while self.pending:
+            _, item = self.pending[0]
+            try:
+                result = self._next_result()
+            except Exception:
+                return
+            if result is None:
+                return
+            if result.error is None:
+                done(item, result.rows)
+
+    def _wait_end(self) -> None:
+        while not self.stream_ended:
+            message = self.results.get()
+            if message is _END:
+                self.stream_ended = True
+            elif isinstance(message, BaseException):
+                raise message

@@ -1,0 +1,109 @@
+"""The worker side of the executors that run outside the driver process (`np` > 1 processes, Ray actors).
+
+A worker rebuilds the driver's operators from their specs (`op.spec`), once, attaches its own answer cache at
+the driver's cache path, and then runs work items: rows in, rows out, plus what the operators counted while
+doing it (the driver adds those counts to its own operators, so summaries and progress stay right).
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from vlmtag.executors.base import WorkItem, apply_ops
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerResult:
+    rows: list[dict] | None = None
+    stats: list[dict] = field(default_factory=list)  # one `TaggingStats.as_dict()` delta per operator
+    error: BaseException | None = None  # raised again by the driver, same type and message
+
+
+def op_specs(ops: Sequence) -> list[tuple[str, dict]]:
+    return [op.spec for op in ops]
+
+
+def cache_path(ops: Sequence) -> str | None:
+    """Where the driver's answer cache lives, so workers can open the same one (None: no cache)."""
+    cache = next((op.cache for op in ops if op.cache is not None), None)
+    if cache is None:
+        return None
+    path = getattr(cache, "path", None)
+    if path is None:
+        log.warning("the answer cache (%s) cannot be opened by worker processes; workers run without it",
+                    type(cache).__name__)
+    return path
+
+
+def merge_stats(ops: Sequence, result: WorkerResult) -> None:
+    for op, delta in zip(ops, result.stats):
+        op.stats.merge(delta)
+
+
+def release_engines(ops: Sequence) -> None:
+    """The driver's operators only carry specs, stats and the cache here: free their engines (a model the driver
+    loaded would otherwise sit in memory, or on the GPU the workers need). Closing twice is harmless."""
+    for op in ops:
+        op.close()
+
+
+def portable(exc: BaseException) -> BaseException:
+    """`exc` if it survives pickling (so the driver raises the same type and message), else a RuntimeError."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+class OpWorker:
+    """Operators rebuilt from specs, with their engines built and the cache attached."""
+
+    def __init__(self, specs: Sequence[tuple[str, dict]], cache_path: str | None) -> None:
+        from vlmtag.cache import SqliteAnswerCache
+        from vlmtag.ops import get_operator
+
+        self.ops = [get_operator(name)(**kwargs) for name, kwargs in specs]
+        self.cache = None
+        if cache_path:
+            try:
+                self.cache = SqliteAnswerCache(cache_path)
+            except Exception as e:  # e.g. a path that exists only on the driver's machine
+                log.warning("answer cache %s cannot be opened here (%s); this worker runs without it", cache_path, e)
+            for op in self.ops:
+                op.cache = self.cache
+        try:
+            for op in self.ops:
+                op.setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def run(self, rows: list[dict], base_dir: str | None) -> WorkerResult:
+        from vlmtag.stats import TaggingStats
+
+        for op in self.ops:
+            op.stats = TaggingStats()  # a fresh counter per item: what is returned is this item's delta
+        try:
+            rows = apply_ops(self.ops, WorkItem(None, rows, base_dir))
+        except Exception as e:
+            return WorkerResult(None, self._stats(), portable(e))
+        return WorkerResult(rows, self._stats())
+
+    def _stats(self) -> list[dict]:
+        return [op.stats.as_dict() for op in self.ops]
+
+    def close(self) -> None:
+        for op in self.ops:
+            try:
+                op.close()
+            except Exception as e:
+                log.warning("closing an operator failed: %s", e)
+        if self.cache is not None:
+            self.cache.close()
+            self.cache = None
