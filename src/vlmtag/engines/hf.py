@@ -223,13 +223,20 @@ class HFEngine(Engine):
 
     kind = "hf"
 
-    def __init__(self, settings: EngineSettings) -> None:
+    def __init__(self, settings: EngineSettings, *, model: Any = None, processor: Any = None) -> None:
+        """Load `settings.model` (a folder, a cached snapshot or a hub name) with its processor.
+
+        `model` / `processor`: already-loaded objects to use instead (benchmarks build a model in memory);
+        `settings.model` must then still name a folder with the processor files when `processor` is None.
+        """
         _require_extra()
         params = dict(settings.model_params)
-        try:
-            folder = resolve_model(settings.model, params)
-        except ModelNotFound as e:
-            raise EngineError(str(e)) from None
+        folder = settings.model
+        if model is None or processor is None:
+            try:
+                folder = resolve_model(settings.model, params)
+            except ModelNotFound as e:
+                raise EngineError(str(e)) from None
 
         import torch
         import transformers
@@ -253,13 +260,21 @@ class HFEngine(Engine):
         load[dtype_key] = dtype
         load.setdefault("device_map", "cuda" if cuda else "cpu")
         try:
-            config = AutoConfig.from_pretrained(folder, **{k: v for k, v in load.items() if k in ("revision", "trust_remote_code", "token")})
-            self.model = AutoModelForImageTextToText.from_pretrained(folder, **load).eval()
-            self.processor = load_processor(folder, config.model_type, load)
+            if processor is None:
+                config_kwargs = {k: v for k, v in load.items() if k in ("revision", "trust_remote_code", "token")}
+                model_type = model.config.model_type if model is not None else \
+                    AutoConfig.from_pretrained(folder, **config_kwargs).model_type
+                processor = load_processor(folder, model_type, load)
+            if model is None:
+                model = AutoModelForImageTextToText.from_pretrained(folder, **load)
         except EngineError:
             raise
         except Exception as e:  # noqa: BLE001 - one line at build time, whatever transformers raised
-            raise EngineError(f"cannot load model {settings.model!r} from {folder} with transformers: {type(e).__name__}: {e}") from None
+            raise EngineError(
+                f"cannot load model {settings.model!r} from {folder} with transformers: {type(e).__name__}: {e}"
+            ) from None
+        self.model = model.eval()
+        self.processor = processor
 
         tokenizer = self.processor.tokenizer
         tokenizer.padding_side = "left"
