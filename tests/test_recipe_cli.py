@@ -171,3 +171,21 @@ def test_quick_tag_command_over_a_folder(tmp_path, photo_dir):
 def test_quick_tag_missing_path_is_a_clear_error(tmp_path, capsys):
     assert main(["tag", str(tmp_path / "nope"), "-o", str(tmp_path / "o.jsonl")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_a_corrupt_tar_stops_the_run_with_one_line_and_keeps_finished_batches(tmp_path, photo_dir, capsys):
+    import tarfile
+
+    tar_path = tmp_path / "00000.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for i, name in enumerate(["coffee", "chelsea", "rocket"]):
+            tar.add(photo_dir / f"{name}.jpg", arcname=f"{i:09d}.jpg")
+    data = tar_path.read_bytes()
+    tar_path.write_bytes(data[: len(data) * 2 // 3])  # cut inside the last sample
+    recipe = write_recipe(tmp_path, dataset_path=str(tar_path), export_path=str(tmp_path / "out.jsonl"))
+    assert main(["run", "--config", str(recipe), "--set", "op.batch_size=1"]) == 1
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    assert "run aborted" in captured.out and "00000.tar" in captured.out
+    chunks = list((tmp_path / ".vlmtag").rglob("chunks/*.jsonl"))
+    assert len(chunks) >= 1  # the whole samples before the damage were tagged and kept

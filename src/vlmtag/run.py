@@ -24,6 +24,7 @@ from vlmtag.errors import ConfigError
 from vlmtag.executors import WorkItem, run_local
 from vlmtag.io import Shard, UnsupportedFormat, format_of, open_dataset, open_writer
 from vlmtag.io.base import FORMATS
+from vlmtag.io.dataset import ShardReadError
 from vlmtag.jobs import Job
 from vlmtag.ops import RunAborted
 from vlmtag.rowkeys import META_KEY
@@ -251,7 +252,7 @@ def run_job(
     interrupted = False
     try:
         executor(ops, items(), done)
-    except RunAborted as e:
+    except (RunAborted, ShardReadError) as e:  # finished batches stay checkpointed for the resume
         aborted = str(e)
     except KeyboardInterrupt:
         aborted, interrupted = "interrupted", True

@@ -339,10 +339,12 @@ class ImageTaggingVLMMapper:
         o = self.options
         n = max((len(v) for v in samples.values()), default=0)
         metas = samples.get(META_KEY) or [None] * n
+        attached = samples.get(BYTES_KEY)
+        images_key = o.image_key if o.image_key in samples or attached is None else "images"
         samples[META_KEY] = self.tag_columns(
-            images=samples.get(o.image_key) or [None] * n,
+            images=samples.get(images_key) or [None] * n,
             texts=samples.get(o.text_key) or [None] * n,
-            image_bytes=samples.get(o.image_bytes_key) or [None] * n,
+            image_bytes=samples.get(o.image_bytes_key) or attached or [None] * n,
             metas=metas,
             base_dir=base_dir,
         )
@@ -352,7 +354,8 @@ class ImageTaggingVLMMapper:
         """Tag a list of row dicts (the executors' form); each row keeps exactly its own keys, plus the meta."""
         o = self.options
         metas = self.tag_columns(
-            images=[r.get(o.image_key) for r in rows],
+            # readers that attach bytes (WebDataset, Parquet image columns) name them under "images"
+            images=[r.get(o.image_key if o.image_key in r or BYTES_KEY not in r else "images") for r in rows],
             texts=[r.get(o.text_key) for r in rows],
             image_bytes=[r.get(o.image_bytes_key) or r.get(BYTES_KEY) for r in rows],
             metas=[r.get(META_KEY) for r in rows],
