@@ -1,0 +1,241 @@
+"""Where the work runs: `np` processes and Ray Data give the export one process gives, and share its cache.
+
+Ray starts slowly on a small machine, so this module starts it once (`ray.init(num_cpus=2)`) and keeps the
+number of Ray runs small; each Ray test checks several things a user would check after one run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from openai_server import OpenAIServer, Reply
+from vlmtag.cli import main
+from vlmtag.executors import WorkItem
+from vlmtag.ops import RunAborted, get_operator
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+
+
+def user_text(body) -> str:
+    for m in body["messages"]:
+        if m["role"] == "user":
+            return next(p["text"] for p in m["content"] if p["type"] == "text")
+    return ""
+
+
+def say(body, attempt):
+    """Answer the tags written after `say:` in the row's text, so every row's tags are known exactly."""
+    text = user_text(body)
+    return Reply.tags(text.split("say:", 1)[1].split("\n", 1)[0].split()) if "say:" in text else None
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+
+
+def read_stats(export) -> dict:
+    return json.loads(Path(f"{export}.stats.json").read_text())
+
+
+def write_api_dataset(tmp_path: Path, n: int) -> Path:
+    from PIL import Image
+
+    (tmp_path / "imgs").mkdir()
+    lines = []
+    for i in range(n):
+        Image.new("RGB", (16, 16), (i, 40, 7)).save(tmp_path / "imgs" / f"{i:03d}.png")
+        lines.append(json.dumps({"id": i, "images": [f"imgs/{i:03d}.png"], "text": f"say: t{i} x{i % 3}"}))
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    return data
+
+
+def write_photo_dataset(tmp_path: Path, photo_dir: Path) -> Path:
+    """8 rows, each photo twice, some rows with two images: relative paths, resolved against the dataset."""
+    rows = []
+    for i in range(8):
+        names = [PHOTOS[i % 4]] + ([PHOTOS[(i + 1) % 4]] if i % 3 == 0 else [])
+        rows.append({"id": i, "images": [str(photo_dir / f"{n}.jpg") for n in names], "text": f"photo {i}"})
+    data = tmp_path / "photos.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data
+
+
+def write_recipe(tmp_path: Path, data: Path, name: str = "recipe.yaml", **op) -> Path:
+    recipe = tmp_path / name
+    recipe.write_text(yaml.safe_dump({"dataset_path": str(data), "export_path": str(tmp_path / "out" / "local.jsonl"),
+                                      "process": [{"image_tagging_vlm_mapper": op}]}))
+    return recipe
+
+
+def api_op(server: OpenAIServer, **kw) -> dict:
+    return {"api_or_hf_model": "test-model", "is_api_model": True, "batch_size": 4, "concurrency": 4,
+            "retry_backoff": 0.01, "model_params": {"base_url": server.base_url, "api_key": "k"}, **kw}
+
+
+EMBEDDED = {"api_or_hf_model": "builtin:default", "batch_size": 2}
+
+
+def run(recipe: Path, export: Path, *sets: str) -> None:
+    args = ["-q", "run", "--config", str(recipe), "--set", f"export_path={export}"]
+    for s in sets:
+        args += ["--set", s]
+    assert main(args) == 0
+
+
+@pytest.fixture
+def server():
+    with OpenAIServer(decode=False) as s:
+        s.behaviour = say
+        yield s
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+def items_of(n_items: int, rows_per_item: int, folder: Path):
+    """Work items as the job layer makes them: batches of rows and the folder their images live in."""
+    from PIL import Image
+
+    folder.mkdir(exist_ok=True)
+    for b in range(n_items):
+        rows = []
+        for j in range(rows_per_item):
+            i = b * rows_per_item + j
+            Image.new("RGB", (8, 8), (i, 1, 2)).save(folder / f"{i}.png")
+            rows.append({"id": i, "images": [f"{i}.png"], "text": f"say: t{i}"})
+        yield WorkItem((0, b), rows, str(folder))
+
+
+# -- np processes ------------------------------------------------------------------------------------------------
+
+
+def test_np_2_processes_give_the_same_export_and_stats_as_one(tmp_path, photo_dir):
+    data = write_photo_dataset(tmp_path, photo_dir)
+    recipe = write_recipe(tmp_path, data, **EMBEDDED)
+    one, two = tmp_path / "out" / "np1.jsonl", tmp_path / "out" / "np2.jsonl"
+    run(recipe, one, "use_cache=false")
+    run(recipe, two, "use_cache=false", "np=2")
+    rows = read_jsonl(two)
+    assert rows == read_jsonl(one)
+    assert [r["id"] for r in rows] == list(range(8))
+    assert "cup" in rows[1]["__dj__meta__"]["image_tags"][0]  # coffee
+    s1, s2 = read_stats(one), read_stats(two)
+    for key in ("rows", "images", "tagged", "failed", "requests", "rows_processed", "images_processed"):
+        assert s2[key] == s1[key], key
+    assert (s2["rows"], s2["images"], s2["tagged"]) == (8, 11, 11)
+
+
+def test_a_worker_process_error_reaches_the_run_as_the_same_exception(tmp_path, server):
+    from vlmtag.executors.processes import run_processes
+
+    server.behaviour = lambda body, attempt: Reply.unauthorized("key revoked")
+    op = get_operator("image_tagging_vlm_mapper")(**api_op(server, try_num=1))
+    finished = []
+    with pytest.raises(RunAborted, match="in a row failed with the same error"):
+        run_processes([op], items_of(6, 4, tmp_path / "imgs"), lambda item, rows: finished.append(item.key),
+                      workers=2)
+    assert finished == []
+    assert op.stats.requests >= 3  # what the workers sent is counted in the driver's summary
+
+
+def test_ctrl_c_in_np_processes_finishes_the_batches_in_flight(tmp_path, server):
+    from vlmtag.executors.processes import run_processes
+
+    op = get_operator("image_tagging_vlm_mapper")(**api_op(server))
+    finished = []
+
+    def done(item, rows):
+        finished.append((item.key[1], [r["__dj__meta__"]["image_tags"] for r in rows]))
+        if len(finished) == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_processes([op], items_of(8, 2, tmp_path / "imgs"), done, workers=2)  # 4 batches in flight
+    assert [b for b, _ in finished] == [0, 1, 2, 3]
+    assert finished[3][1] == [[["t6"]], [["t7"]]]
+    assert server.count == 8
+
+
+# -- Ray ---------------------------------------------------------------------------------------------------------
+
+
+def test_ray_api_run_has_exact_tags_reuses_the_local_cache_and_matches_a_local_export(tmp_path, server, ray_cluster):
+    data = write_api_dataset(tmp_path, 20)
+    recipe = write_recipe(tmp_path, data, **api_op(server))
+    out = tmp_path / "out"
+    assert main(["-q", "run", "--config", str(recipe), "--set", f"export_path={out / 'first12.jsonl'}",
+                 "--limit", "12"]) == 0
+    assert server.count == 12
+
+    run(recipe, out / "ray.jsonl", "executor_type=ray", "np=2")
+    assert server.count == 20  # the 12 answers cached by the local run cost nothing
+    rows = read_jsonl(out / "ray.jsonl")
+    assert [r["id"] for r in rows] == list(range(20))
+    for r in rows:
+        i = r["id"]
+        assert r["__dj__meta__"] == {"image_tags": [[f"t{i}", f"x{i % 3}"]], "image_tags_errors": [None]}
+    stats = read_stats(out / "ray.jsonl")
+    assert (stats["rows"], stats["tagged"], stats["cached"], stats["requests"]) == (20, 20, 12, 8)
+
+    run(recipe, out / "local.jsonl")  # all from the cache now
+    assert server.count == 20
+    assert read_jsonl(out / "local.jsonl") == rows
+    assert read_jsonl(out / "first12.jsonl") == rows[:12]
+
+
+def test_ray_embedded_model_gives_the_local_export(tmp_path, photo_dir, ray_cluster):
+    data = write_photo_dataset(tmp_path, photo_dir)
+    recipe = write_recipe(tmp_path, data, **EMBEDDED)
+    local, on_ray = tmp_path / "out" / "local.jsonl", tmp_path / "out" / "ray.jsonl"
+    run(recipe, local, "use_cache=false")
+    run(recipe, on_ray, "use_cache=false", "executor_type=ray", "np=2")
+    rows = read_jsonl(on_ray)
+    assert rows == read_jsonl(local)
+    assert "cup" in rows[1]["__dj__meta__"]["image_tags"][0]
+    s_local, s_ray = read_stats(local), read_stats(on_ray)
+    for key in ("rows", "images", "tagged", "failed", "requests"):
+        assert s_ray[key] == s_local[key], key
+
+
+def test_ray_actor_error_and_ctrl_c(tmp_path, server, ray_cluster):
+    """An operator error in an actor is raised in the driver as itself; Ctrl-C finishes what was sent."""
+    from vlmtag.executors.ray import run_ray
+
+    op = get_operator("image_tagging_vlm_mapper")(**api_op(server))
+    finished = []
+
+    def done(item, rows):
+        finished.append((item.key[1], [r["__dj__meta__"]["image_tags"] for r in rows]))
+        if len(finished) == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_ray([op], items_of(8, 2, tmp_path / "a"), done, np=2)  # 2 actors, 4 items in flight
+    assert [b for b, _ in finished] == [0, 1, 2, 3]
+    assert finished[3][1] == [[["t6"]], [["t7"]]]
+    assert op.stats.requests == server.count == 8
+
+    server.behaviour = lambda body, attempt: Reply.unauthorized("key revoked")
+    op = get_operator("image_tagging_vlm_mapper")(**api_op(server, try_num=1))
+    with pytest.raises(RunAborted, match="in a row failed with the same error"):
+        run_ray([op], items_of(6, 4, tmp_path / "b"), lambda item, rows: None, np=2)
+
+
+def test_executor_type_ray_without_ray_installed_is_one_clear_line(tmp_path, server, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if it were not installed
+    recipe = write_recipe(tmp_path, write_api_dataset(tmp_path, 2), **api_op(server))
+    assert main(["run", "--config", str(recipe), "--set", "executor_type=ray"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "vlmtag: error: executor_type: ray needs Ray, which is not installed: pip install 'vlmtag[ray]'"
+    assert server.count == 0
