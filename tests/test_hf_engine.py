@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -100,18 +102,33 @@ def photo_requests(photo_dir) -> list[Request]:
 
 
 @pytest.fixture(scope="module")
-def qwen_engine(tiny_vlm_dirs):
-    settings = EngineSettings(
-        model=str(tiny_vlm_dirs["qwen2_5_vl"]), kind="hf", json_schema=tags_json_schema(3, 8),
-        model_params={"batch_size": 4}, sampling_params={"max_new_tokens": 64},
-    )
-    with create_engine(settings) as engine:
-        yield engine
+def engines(tiny_vlm_dirs):
+    """model name -> an HF engine on that tiny model (constrained to 3 tags of <= 8 characters), built once."""
+    built = {}
+
+    def get(model: str):
+        if model not in built:
+            built[model] = create_engine(EngineSettings(
+                model=str(tiny_vlm_dirs[model]), kind="hf", json_schema=tags_json_schema(3, 8),
+                model_params={"batch_size": 4}, sampling_params={"max_new_tokens": 64},
+            ))
+        return built[model]
+
+    yield get
+    for engine in built.values():
+        engine.close()
 
 
-def test_a_batch_answers_like_one_image_at_a_time(qwen_engine, photo_requests):
-    batched = qwen_engine.generate(photo_requests)
-    alone = [qwen_engine.generate([r])[0] for r in photo_requests]
+@pytest.fixture(scope="module")
+def qwen_engine(engines):
+    return engines("qwen2_5_vl")
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_a_batch_answers_like_one_image_at_a_time(model, engines, photo_requests):
+    engine = engines(model)
+    batched = engine.generate(photo_requests)
+    alone = [engine.generate([r])[0] for r in photo_requests]
     assert [r.text for r in batched] == [r.text for r in alone]  # left padding changes nothing
     for response in batched:
         assert response.ok and set(json.loads(response.text)) == {"tags"}
@@ -160,6 +177,13 @@ def test_a_model_that_is_not_here_fails_at_build_with_one_clear_line(tmp_path, m
         create_engine(EngineSettings(model="someone/no-such-vlm", kind="hf"))
     with pytest.raises(EngineError, match="does not exist"):
         create_engine(EngineSettings(model=str(tmp_path / "no-such-folder"), kind="hf"))
+
+
+def test_import_vlmtag_loads_no_inference_library():
+    code = ("import sys, vlmtag, vlmtag.engines.hf, vlmtag.engines.vllm; "
+            "print([m for m in ('torch', 'transformers', 'xgrammar', 'vllm') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 # -- pure functions ----------------------------------------------------------------------------------------
