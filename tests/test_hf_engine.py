@@ -164,7 +164,9 @@ def test_a_model_that_is_not_here_fails_at_build_with_one_clear_line(tmp_path, m
     # The hub "unreachable": a closed port on loopback. Nothing leaves this machine.
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
     with pytest.raises(EngineError) as e:
         create_engine(EngineSettings(model="someone/no-such-vlm", kind="hf"))
     message = str(e.value)
