@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import httpx
 
-from vlmtag.engines.base import Engine, EngineError, EngineSettings, Request, Response, Usage
+from vlmtag.engines.base import Engine, EngineError, EngineSettings, Request, Response, Usage, chat_messages
 
 log = logging.getLogger(__name__)
 
@@ -78,18 +78,7 @@ def build_body(request: Request, settings: EngineSettings) -> dict[str, Any]:
     already carry a `response_format`, which wins). The system message is left out when the system
     prompt is empty.
     """
-    messages: list[dict[str, Any]] = []
-    if request.system_prompt:
-        messages.append({"role": "system", "content": request.system_prompt})
-    messages.append(
-        {
-            "role": "user",
-            "content": [
-                {"type": "text", "text": request.user_text},
-                {"type": "image_url", "image_url": {"url": request.image.data_url()}},
-            ],
-        }
-    )
+    messages = chat_messages(request)
     body: dict[str, Any] = {"model": settings.model, "messages": messages, **settings.sampling_params}
     if "max_tokens" not in body and "max_completion_tokens" not in body:
         body["max_tokens"] = DEFAULT_MAX_TOKENS

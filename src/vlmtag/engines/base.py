@@ -22,6 +22,24 @@ class Request:
     user_text: str
 
 
+def chat_messages(request: Request) -> list[dict[str, Any]]:
+    """One image's chat in the OpenAI message format (what API servers and vLLM's `LLM.chat` read):
+    the system prompt (left out when empty), then the user's text part and image part."""
+    messages: list[dict[str, Any]] = []
+    if request.system_prompt:
+        messages.append({"role": "system", "content": request.system_prompt})
+    messages.append(
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": request.user_text},
+                {"type": "image_url", "image_url": {"url": request.image.data_url()}},
+            ],
+        }
+    )
+    return messages
+
+
 @dataclass
 class Usage:
     prompt_tokens: int = 0

@@ -28,7 +28,7 @@ import re
 import threading
 from typing import Any, Mapping, Sequence
 
-from vlmtag.engines.base import Engine, EngineError, EngineSettings, Request, Response, Usage
+from vlmtag.engines.base import Engine, EngineError, EngineSettings, Request, Response, Usage, chat_messages
 from vlmtag.engines.hub import ModelNotFound, resolve_model
 from vlmtag.engines.sampling import max_new_tokens_of, wants_sampling
 
@@ -52,19 +52,7 @@ _DROPPED = frozenset({"do_sample", "num_beams", "no_repeat_ngram_size", "typical
 
 def build_conversation(request: Request) -> list[dict[str, Any]]:
     """One image's chat, in the OpenAI message format `LLM.chat` reads (same as the API engine sends)."""
-    messages: list[dict[str, Any]] = []
-    if request.system_prompt:
-        messages.append({"role": "system", "content": request.system_prompt})
-    messages.append(
-        {
-            "role": "user",
-            "content": [
-                {"type": "text", "text": request.user_text},
-                {"type": "image_url", "image_url": {"url": request.image.data_url()}},
-            ],
-        }
-    )
-    return messages
+    return chat_messages(request)
 
 
 def default_max_model_len(max_pixels: int, max_tokens: int) -> int:

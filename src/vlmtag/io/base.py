@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import abc
+import itertools
 import os
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from vlmtag.rowkeys import BYTES_KEY
 
@@ -69,3 +70,10 @@ class RowWriter(abc.ABC):
             self.commit()
         else:
             self.abort()
+
+
+def batched(rows: Iterable[dict], batch_size: int) -> Iterator[list[dict]]:
+    """Group a stream of rows into lists of `batch_size` (the last may be shorter)."""
+    it = iter(rows)
+    while batch := list(itertools.islice(it, batch_size)):
+        yield batch

@@ -17,6 +17,7 @@ import os
 from typing import Iterator
 
 from vlmtag.io import filesystem
+from vlmtag.io.base import batched
 from vlmtag.io.dataset import BYTES_KEY, IMAGE_EXTENSIONS, READERS
 
 
@@ -45,20 +46,13 @@ def _remote_images(folder: str) -> Iterator[tuple[str, str]]:
 
 
 def read_image_folder(path: str, batch_size: int) -> Iterator[list[dict]]:
-    batch: list[dict] = []
     if filesystem.is_remote(path):
         fs, inner = filesystem.filesystem(path)
         base = fs.unstrip_protocol(inner).rstrip("/")
         rows = ({"images": [rel], BYTES_KEY: [filesystem.read_bytes(url)]} for rel, url in _remote_images(base))
     else:
         rows = ({"images": [rel]} for rel in image_paths(path))
-    for row in rows:
-        batch.append(row)
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+    return batched(rows, batch_size)
 
 
 READERS["images"] = read_image_folder

@@ -25,7 +25,7 @@ import json
 from typing import Iterator
 
 from vlmtag.io import filesystem
-from vlmtag.io.base import format_of
+from vlmtag.io.base import batched, format_of
 from vlmtag.io.dataset import BYTES_KEY, READERS
 
 from vlmtag.rowkeys import INVALID_ROW_KEY
@@ -46,7 +46,10 @@ def _chunks(rows: list[dict], batch_size: int) -> Iterator[list[dict]]:
 
 
 def _jsonl(path: str, batch_size: int) -> Iterator[list[dict]]:
-    batch: list[dict] = []
+    return batched(_jsonl_rows(path), batch_size)
+
+
+def _jsonl_rows(path: str) -> Iterator[dict]:
     with filesystem.open_input(path, "r") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -61,12 +64,7 @@ def _jsonl(path: str, batch_size: int) -> Iterator[list[dict]]:
             if not isinstance(row, dict):
                 # Keep the line, so no input row is ever lost; the row carries why it was not tagged.
                 row = {INVALID_ROW_KEY: {"line": lineno, "text": line.rstrip("\n"), "error": reason}}
-            batch.append(row)
-            if len(batch) == batch_size:
-                yield batch
-                batch = []
-    if batch:
-        yield batch
+            yield row
 
 
 def _json_array(path: str, batch_size: int) -> Iterator[list[dict]]:

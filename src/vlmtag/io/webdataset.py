@@ -36,6 +36,7 @@ import zlib
 from typing import Iterator
 
 from vlmtag.io import filesystem
+from vlmtag.io.base import batched
 from vlmtag.io.dataset import BYTES_KEY, IMAGE_EXTENSIONS, READERS, ShardReadError
 from vlmtag.rowkeys import INVALID_ROW_KEY
 
@@ -53,15 +54,7 @@ def _split(name: str) -> tuple[str, str]:
 
 def read_webdataset(path: str, batch_size: int) -> Iterator[list[dict]]:
     """Rows of one WebDataset tar (plain or compressed), `batch_size` at a time."""
-    tar_name = filesystem.basename(path)
-    batch: list[dict] = []
-    for row in _samples(path, tar_name):
-        batch.append(row)
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+    return batched(_samples(path, filesystem.basename(path)), batch_size)
 
 
 def _samples(path: str, tar_name: str) -> Iterator[dict]:
