@@ -164,7 +164,7 @@ class OutputCounts:
                 "failure_reasons": reasons}
 
 
-def _batches(shards: list[Shard], batch_size: int, limit: int | None) -> Iterator[tuple[int, int, list[dict]]]:
+def iter_batches(shards: list[Shard], batch_size: int, limit: int | None) -> Iterator[tuple[int, int, list[dict]]]:
     left = limit
     for s, shard in enumerate(shards):
         for b, rows in enumerate(shard.batches(batch_size)):
@@ -233,7 +233,7 @@ def run_job(
 
     def items() -> Iterator[WorkItem]:
         nonlocal resumed_rows
-        for s, b, rows in _batches(shards, batch_size, limit):
+        for s, b, rows in iter_batches(shards, batch_size, limit):
             if job.is_done(s, b):
                 resumed_rows += len(rows)
                 continue
@@ -274,6 +274,8 @@ def run_job(
         "prompt_tokens": run_counts["prompt_tokens"],
         "completion_tokens": run_counts["completion_tokens"],
     }
+    if ops[0].pricing.known:
+        this_run["cost"] = round(sum(op.spent() for op in ops), 6)
     if aborted:
         wall = time.perf_counter() - start
         stats = {**this_run, "failure_reasons": run_counts["failure_reasons"], "failed": run_counts["failed"],

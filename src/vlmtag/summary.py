@@ -35,6 +35,7 @@ def render_summary(result: RunResult, console: Console, *, resume_command: str =
         ("requests", f"{s.get('requests', 0):,}"),
         ("retries", f"{s.get('retries', 0):,}"),
         ("tokens in / out", f"{s.get('prompt_tokens', 0):,} / {s.get('completion_tokens', 0):,}"),
+        *([("cost (from server token counts)", f"{s['cost']:.4f}")] if "cost" in s else []),
         ("wall time", f"{result.wall_seconds:.1f} s"),
         ("images/s", f"{result.images_per_second:.2f}"),
     ]
@@ -60,3 +61,26 @@ def render_summary(result: RunResult, console: Console, *, resume_command: str =
         return
     console.print(f"output:  {result.export_path} ({result.rows_written:,} rows)", markup=False)
     console.print(f"summary: {result.stats_path}", markup=False)
+
+
+def render_dry_run(report, console: Console) -> None:
+    table = Table(show_header=False, box=None, pad_edge=False, title="dry run: no request sent", title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    rows = [
+        ("rows", f"{report.rows:,}"),
+        ("rows already tagged (kept)", f"{report.rows_already_tagged:,}"),
+        ("images", f"{report.images:,}"),
+        ("images that open", f"{report.images_ok:,}"),
+        ("bad images", f"{sum(report.bad_images.values()):,}"),
+        ("URLs (not fetched)", f"{report.urls_not_checked:,}"),
+        ("input tokens (estimate)", f"{report.input_tokens:,}"),
+        ("output tokens (estimate / at most)", f"{report.output_tokens:,} / {report.output_tokens_max:,}"),
+    ]
+    if report.cost is not None:
+        rows.append(("cost (estimate / at most)", f"{report.cost:.4f} / {report.cost_max:.4f}"))
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+    for kind, n in report.bad_images.most_common(5):
+        console.print(f"  {n:>8,}  {report.examples[kind]}", markup=False, highlight=False)

@@ -18,6 +18,8 @@ def add_parser(sub) -> None:
     add_job_flags(p)
     p.add_argument("--retry-failed", action="store_true",
                    help="re-attempt only the images that have errors in the existing export")
+    p.add_argument("--dry-run", action="store_true",
+                   help="read the input, check the images open, estimate tokens and cost; send no request")
 
 
 def add_job_flags(p: argparse.ArgumentParser) -> None:
@@ -43,6 +45,12 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if args.overwrite:
         overrides.append("op.overwrite=true")
     recipe = parse_recipe(load_recipe_dict(args.config, overrides))
+    if args.dry_run:
+        from vlmtag.dryrun import dry_run_recipe
+        from vlmtag.summary import render_dry_run
+
+        render_dry_run(dry_run_recipe(recipe, limit=args.limit), console)
+        return 0
     with progress_reporter(console) as progress:
         result = run_recipe(recipe, limit=args.limit, retry_failed=args.retry_failed, progress=progress)
     render_summary(result, console, resume_command=_resume_command(args))

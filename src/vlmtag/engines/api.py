@@ -22,7 +22,6 @@ import concurrent.futures
 import email.utils
 import json
 import logging
-import math
 import os
 import re
 import threading
@@ -31,6 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import httpx
 
+from vlmtag.cost import text_tokens, visual_tokens
 from vlmtag.engines.base import Engine, EngineError, EngineSettings, Request, Response, Usage, chat_messages
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,6 @@ DEFAULT_TIMEOUT_S = 120.0
 DEFAULT_MAX_TOKENS = 512
 #: Statuses worth another attempt: request timeout, conflict, rate limit, and every server error.
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
-#: Qwen-VL models spend one visual token per 28x28 pixels; used to estimate a request's tokens.
-PIXELS_PER_TOKEN_SIDE = 28
 
 # model_params keys the API engine understands. `max_retries` is what Data-Juicer passes to its
 # openai.OpenAI client: accepted and ignored, because the operator owns retries (see try_num).
@@ -266,10 +264,8 @@ def _make_limiter(per_minute: float | None, name: str) -> Any:
 
 def estimate_tokens(request: Request, sampling_params: Mapping[str, Any]) -> int:
     """Prompt + completion tokens of a request: Qwen-style image tokens, text/4, and the max_tokens cap."""
-    w, h = max(1, request.image.width), max(1, request.image.height)
-    image_tokens = math.ceil(w / PIXELS_PER_TOKEN_SIDE) * math.ceil(h / PIXELS_PER_TOKEN_SIDE)
-    text_tokens = (len(request.system_prompt) + len(request.user_text)) // 4
-    return image_tokens + text_tokens + max_tokens_of(sampling_params)
+    text = text_tokens(request.system_prompt) + text_tokens(request.user_text)
+    return visual_tokens(request.image.width, request.image.height) + text + max_tokens_of(sampling_params)
 
 
 # --------------------------------------------------------------------------------------------------

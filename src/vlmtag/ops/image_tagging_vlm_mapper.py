@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tenacity import Retrying, retry_if_result, stop_after_attempt, wait_exponential, wait_random
 
 from vlmtag.cache.base import AnswerCache
+from vlmtag.cost import Pricing, text_tokens, visual_tokens
 from vlmtag.engines import Engine, EngineSettings, Request, Response, create_engine
 from vlmtag.errors import ConfigError, config_error
 from vlmtag.images import EncodedImage, FetchLimits, ImageError, prepare_image, read_source
@@ -95,6 +96,9 @@ class TaggerOptions(BaseModel):
     vocabulary_threshold: float = Field(0.8, gt=0, le=1, description="embedding similarity to map a tag")
     vocabulary_embeddings: bool = True
     constrain_to_vocabulary: bool = Field(False, description="structured output limited to the terms (enum)")
+    price_per_million_input_tokens: float = Field(0.0, ge=0)
+    price_per_million_output_tokens: float = Field(0.0, ge=0)
+    max_cost: Optional[float] = Field(None, gt=0, description="stop the run before it spends more than this")
     image_workers: int = Field(16, ge=1, description="threads that read and resize images")
     fetch_timeout: float = Field(30.0, gt=0, description="seconds to read an image URL")
     max_image_bytes: int = Field(50 * 1024 * 1024, ge=1)
@@ -244,6 +248,12 @@ class ImageTaggingVLMMapper:
             enum = self.vocabulary.json_enum(max_terms=_MAX_ENUM_TERMS) if opts.constrain_to_vocabulary else None
             self.json_schema = tags_json_schema(opts.max_tags, opts.max_tag_length, enum=enum)
         self.stats = TaggingStats()
+        self.pricing = Pricing(opts.price_per_million_input_tokens, opts.price_per_million_output_tokens)
+        self._budget_lock = threading.Condition()
+        self._reserved = 0.0
+        if opts.max_cost is not None and not self.pricing.known:
+            raise ConfigError("image_tagging_vlm_mapper: max_cost needs price_per_million_input_tokens and/or "
+                              "price_per_million_output_tokens")
         self.cache: AnswerCache | None = None  # attached by the executor; None = no cache
         self._engine: Engine | None = None
         self._engine_lock = threading.Lock()
@@ -530,8 +540,12 @@ class ImageTaggingVLMMapper:
             responses: list[Response | None] = [None] * len(batch)
 
             def on_response(i: int, resp: Response) -> None:
-                # Runs as each answer arrives, so a crash loses only what was still in flight.
+                # Runs as each answer arrives, so a crash loses only what was still in flight, and the
+                # counters (tokens, cost) are current for the budget check of a round starting elsewhere.
                 k = batch[i]
+                attempts[k] += 1
+                self.stats.add(requests=1, retries=int(attempts[k] > 1),
+                               prompt_tokens=resp.usage.prompt_tokens, completion_tokens=resp.usage.completion_tokens)
                 if resp.ok:
                     try:
                         outcomes[k].tags = self._read_answer(resp.text or "")
@@ -542,14 +556,18 @@ class ImageTaggingVLMMapper:
                             self.cache.put_many([(keys[k], resp.text or "")])
                 responses[i] = resp
 
-            self.engine.run_batch([reqs[k] for k in batch], on_response)
+            reserved = self._reserve_budget([reqs[k] for k in batch]) if self.options.max_cost is not None else 0.0
+            try:
+                self.engine.run_batch([reqs[k] for k in batch], on_response)
+            finally:
+                if reserved:
+                    with self._budget_lock:
+                        self._reserved -= reserved
+                        self._budget_lock.notify_all()
             retry_after[0] = 0.0
             still: list[int] = []
             for k, resp in zip(batch, responses):
                 assert resp is not None, "engine returned fewer responses than requests"
-                attempts[k] += 1
-                self.stats.add(requests=1, retries=int(attempts[k] > 1),
-                               prompt_tokens=resp.usage.prompt_tokens, completion_tokens=resp.usage.completion_tokens)
                 if outcomes[k].tags is not None:
                     self._breaker.record(True)
                 elif resp.retryable and attempts[k] < self.options.try_num:
@@ -571,6 +589,31 @@ class ImageTaggingVLMMapper:
             retry=retry_if_result(bool),
             retry_error_callback=lambda state: state.outcome.result(),
         )(one_round)
+
+    def spent(self) -> float:
+        """What the answers so far cost, from the tokens the server reported (0 without prices)."""
+        return self.pricing.cost(self.stats.prompt_tokens, self.stats.completion_tokens)
+
+    def _reserve_budget(self, requests: list[Request]) -> float:
+        """Stop before a round whose likely cost would take the run past `max_cost`; else reserve that cost
+        until the round ends (so rounds running at the same time cannot overshoot together)."""
+        with self._budget_lock:
+            while True:
+                spent, n = self.spent(), self.stats.requests
+                if n:
+                    estimate = spent / n * len(requests)
+                else:
+                    out = int(self.options.sampling_params.get("max_tokens") or 64)
+                    estimate = sum(self.pricing.cost(visual_tokens(r.image.width, r.image.height)
+                                                     + text_tokens(r.system_prompt + r.user_text), out)
+                                   for r in requests)
+                if spent + self._reserved + estimate <= self.options.max_cost:
+                    self._reserved += estimate
+                    return estimate
+                if self._reserved <= 0:
+                    raise RunAborted(f"max_cost={self.options.max_cost:g} reached: spent {spent:.4f} so far, the "
+                                     f"next {len(requests)} requests would cost about {estimate:.4f}")
+                self._budget_lock.wait()  # another round holds a reservation: see what it really cost
 
     def _finish_failure(self, k: int, resp: Response, attempts: int, outcomes: list[_Outcome]) -> None:
         error = resp.error or "error"
