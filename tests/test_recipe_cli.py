@@ -189,3 +189,17 @@ def test_a_corrupt_tar_stops_the_run_with_one_line_and_keeps_finished_batches(tm
     assert "run aborted" in captured.out and "00000.tar" in captured.out
     chunks = list((tmp_path / ".vlmtag").rglob("chunks/*.jsonl"))
     assert len(chunks) >= 1  # the whole samples before the damage were tagged and kept
+
+
+def test_progress_goes_to_the_log_when_not_on_a_terminal(tmp_path, photo_dir, capsys, monkeypatch):
+    import vlmtag.progress
+
+    monkeypatch.setattr(vlmtag.progress, "LOG_EVERY_S", 0.0)
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"images": [str(photo_dir / f"{n}.jpg")]}) + "\n" for n in ("coffee", "chelsea")))
+    recipe = write_recipe(tmp_path, dataset_path=str(src), export_path=str(tmp_path / "o.jsonl"))
+    assert main(["run", "--config", str(recipe), "--set", "op.batch_size=1"]) == 0
+    err = capsys.readouterr().err
+    assert "vlmtag: progress: rows 1/2" in err and "vlmtag: progress: rows 2/2" in err
+    assert main(["-q", "run", "--config", str(recipe), "--set", f"export_path={tmp_path / 'q.jsonl'}"]) == 0
+    assert "progress" not in capsys.readouterr().err

@@ -1,30 +1,77 @@
-"""A live progress line for long runs on a terminal; nothing when output is not a terminal."""
+"""Progress for long runs: a live line on a terminal; a plain line every 30 s in logs; nothing with -q."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+LOG_EVERY_S = 30.0
+
+
+def count_rows(shards: Sequence, limit: int | None = None) -> int | None:
+    """Rows in the dataset when that is cheap to know (JSONL line count, Parquet metadata), else None."""
+    total = 0
+    for shard in shards:
+        if shard.rows is not None or "://" in shard.path:
+            return None
+        if shard.kind == "jsonl":
+            with open(shard.path, "rb") as f:
+                total += sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+                if os.path.getsize(shard.path) and not _ends_with_newline(f):
+                    total += 1
+        elif shard.kind == "parquet":
+            import pyarrow.parquet as pq
+
+            total += pq.ParquetFile(shard.path).metadata.num_rows
+        else:
+            return None
+    return min(total, limit) if limit is not None else total
+
+
+def _ends_with_newline(f) -> bool:
+    f.seek(-1, os.SEEK_END)
+    return f.read(1) == b"\n"
+
+
+def _describe(c: dict, rate: float) -> str:
+    return (f"images {c.get('images', 0):,}  {rate:.1f} img/s  failed {c.get('failed', 0):,}  "
+            f"cached {c.get('cached', 0):,}")
 
 
 @contextlib.contextmanager
-def progress_reporter(console: Console) -> Iterator[Callable[[dict], None] | None]:
-    """Yields a callback taking the run's counters after each batch (or None when not on a terminal)."""
-    if not console.is_terminal or console.quiet:
+def progress_reporter(console: Console, total_rows: int | None = None) -> Iterator[Callable[[dict], None] | None]:
+    """Yields a callback taking the run's counters after each batch (None with -q)."""
+    if console.quiet:
         yield None
         return
     start = time.perf_counter()
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
-        task = bar.add_task("starting…", total=None)
+    if not console.is_terminal:
+        last = [start]
+
+        def log(c: dict) -> None:
+            now = time.perf_counter()
+            if now - last[0] >= LOG_EVERY_S:
+                last[0] = now
+                rows = c["rows"] + c.get("resumed_rows", 0)
+                of = f"/{total_rows:,}" if total_rows else ""
+                rate = c.get("images", 0) / max(now - start, 1e-9)
+                print(f"vlmtag: progress: rows {rows:,}{of}  {_describe(c, rate)}", file=sys.stderr, flush=True)
+
+        yield log
+        return
+    with Progress(SpinnerColumn(), TextColumn("rows {task.completed:,.0f}" + (f"/{total_rows:,}" if total_rows else "")),
+                  BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), TextColumn("ETA"),
+                  TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("starting…", total=total_rows)
 
         def update(c: dict) -> None:
             rate = c.get("images", 0) / max(time.perf_counter() - start, 1e-9)
-            bar.update(task, description=(
-                f"rows {c['rows']:,} (+{c.get('resumed_rows', 0):,} resumed)  images {c.get('images', 0):,}  "
-                f"{rate:.1f} img/s  failed {c.get('failed', 0):,}  cached {c.get('cached', 0):,}"))
+            bar.update(task, completed=c["rows"] + c.get("resumed_rows", 0), description=_describe(c, rate))
 
         yield update

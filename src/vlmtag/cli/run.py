@@ -51,10 +51,20 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
         render_dry_run(dry_run_recipe(recipe, limit=args.limit), console)
         return 0
-    with progress_reporter(console) as progress:
+    with progress_reporter(console, _total_rows(recipe, args.limit)) as progress:
         result = run_recipe(recipe, limit=args.limit, retry_failed=args.retry_failed, progress=progress)
     render_summary(result, console, resume_command=_resume_command(args))
     return exit_status(result)
+
+
+def _total_rows(recipe, limit: int | None) -> int | None:
+    from vlmtag.io import open_dataset
+    from vlmtag.progress import count_rows
+
+    try:
+        return count_rows(open_dataset(recipe.dataset_path), limit)
+    except (OSError, ValueError):
+        return None  # the run itself reports a bad dataset path
 
 
 def _resume_command(args: argparse.Namespace) -> str:
