@@ -246,7 +246,7 @@ def run_job(
         job.write_chunk(*item.key, rows)
         done_rows += len(rows)
         if progress is not None:
-            progress({"rows": done_rows, "resumed_rows": resumed_rows, **ops[0].stats.as_dict()})
+            progress({**ops[0].stats.as_dict(), "rows": done_rows, "resumed_rows": resumed_rows})
 
     aborted = None
     interrupted = False
