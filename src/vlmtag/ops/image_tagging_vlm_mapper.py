@@ -8,19 +8,17 @@ executors or caches: rows come in, the same rows go out, in the same order.
 
 from __future__ import annotations
 
-import collections
 import functools
 import hashlib
-import importlib.util
 import json
 import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from tenacity import Retrying, retry_if_result, stop_after_attempt, wait_exponential, wait_random
 
 from vlmtag.cache.base import AnswerCache
@@ -28,16 +26,11 @@ from vlmtag.cost import Pricing, text_tokens, visual_tokens
 from vlmtag.engines import Engine, EngineSettings, Request, Response, create_engine
 from vlmtag.errors import ConfigError, config_error
 from vlmtag.images import EncodedImage, FetchLimits, ImageError, prepare_image, read_source
+from vlmtag.ops.fail_fast import FailFast, RunAborted
+from vlmtag.ops.options import DATA_JUICER_OP_ARGS, DEFAULT_MODEL, _Options, resolve_engine_kind
 from vlmtag.ops.registry import register
 from vlmtag.rowkeys import BYTES_KEY, META_KEY
-from vlmtag.prompts import (
-    DEFAULT_EOC_TOKEN,
-    DEFAULT_IMAGE_TOKEN,
-    DEFAULT_INPUT_TEMPLATE,
-    DEFAULT_SYSTEM_PROMPT,
-    clean_text,
-    fill_template,
-)
+from vlmtag.prompts import DEFAULT_INPUT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, clean_text, fill_template
 from vlmtag.stats import TaggingStats
 from vlmtag.tags import TagParseError, parse_output, tags_json_schema
 
@@ -46,16 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
-# Data-Juicer's generic op arguments: accepted so its recipes run unchanged, but they change nothing here.
-DATA_JUICER_OP_ARGS = frozenset(
-    {
-        "accelerator", "num_proc", "cpu_required", "mem_required", "gpu_required", "num_cpus", "num_gpus",
-        "memory", "runtime_np", "turbo", "skip_op_error", "auto_op_parallelism", "work_dir", "audio_key",
-        "video_key", "query_key", "response_key", "history_key", "index_key", "enable_vllm",
-    }
-)
-_AUTH_STATUSES = frozenset({401, 403, 404})
 _MAX_RETRY_AFTER = 300.0
 _MAX_ENUM_TERMS = 2000  # beyond this a schema enum is too large for most constrained decoders
 # model_params that configure the client, not the answer: left out of the cache key (and never stored).
@@ -63,126 +46,11 @@ _CLIENT_PARAMS = frozenset({"api_key", "base_url", "timeout", "max_retries", "he
                             "default_query", "organization", "project"})
 
 
-class RunAborted(RuntimeError):
-    """Stop the whole run: the engine is failing for everything, so more rows would only be more error rows."""
-
-
-class TaggerOptions(BaseModel):
-    """vlmtag's own operator options (keyword arguments beyond Data-Juicer's signature)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    concurrency: int = Field(32, ge=1, description="API requests in flight")
-    batch_size: int = Field(256, ge=1, description="samples per batch")
-    max_pixels: int = Field(802_816, ge=28 * 28, description="images are downscaled to at most this many pixels")
-    max_tags: int = Field(10, ge=1)
-    max_tag_length: int = Field(50, ge=1)
-    image_key: str = "images"
-    image_bytes_key: str = "image_bytes"
-    text_key: str = "text"
-    image_special_token: str = DEFAULT_IMAGE_TOKEN
-    eoc_special_token: str = DEFAULT_EOC_TOKEN
-    json_schema: bool = False
-    engine: Optional[Literal["api", "vllm", "hf", "embedded"]] = None
-    max_requests_per_minute: Optional[float] = Field(None, gt=0)
-    max_tokens_per_minute: Optional[float] = Field(None, gt=0)
-    retry_backoff: float = Field(1.0, ge=0, description="first retry wait in seconds (doubles, with jitter)")
-    max_backoff: float = Field(60.0, ge=0)
-    fail_fast: bool = True
-    overwrite: bool = Field(False, description="tag rows again even when they already have the tag field")
-    vocabulary: Optional[str] = Field(None, description="file of allowed terms, or builtin:coco-imagenet")
-    synonyms: Optional[str] = Field(None, description="file of `term: synonym, synonym` lines")
-    unmapped: Literal["keep", "drop", "separate"] = "keep"
-    vocabulary_threshold: float = Field(0.8, gt=0, le=1, description="embedding similarity to map a tag")
-    vocabulary_embeddings: bool = True
-    constrain_to_vocabulary: bool = Field(False, description="structured output limited to the terms (enum)")
-    price_per_million_input_tokens: float = Field(0.0, ge=0)
-    price_per_million_output_tokens: float = Field(0.0, ge=0)
-    max_cost: Optional[float] = Field(None, gt=0, description="stop the run before it spends more than this")
-    image_workers: int = Field(16, ge=1, description="threads that read and resize images")
-    fetch_timeout: float = Field(30.0, gt=0, description="seconds to read an image URL")
-    max_image_bytes: int = Field(50 * 1024 * 1024, ge=1)
-
-
-class _Options(TaggerOptions):
-    try_num: int = Field(3, ge=1)
-    model_params: dict[str, Any] = {}
-    sampling_params: dict[str, Any] = {}
-    api_or_hf_model: str = DEFAULT_MODEL
-    tag_field_name: str = Field("image_tags", min_length=1)
-    api_endpoint: Optional[str] = None
-    response_path: Optional[str] = None
-    system_prompt: Optional[str] = None
-    input_template: Optional[str] = None
-    is_api_model: bool = False
-
-
-def _vllm_usable() -> bool:
-    if importlib.util.find_spec("vllm") is None or importlib.util.find_spec("torch") is None:
-        return False
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def resolve_engine_kind(model: str, is_api_model: bool, engine: str | None) -> str:
-    """api for API models; embedded for `builtin:` names; else vLLM on a CUDA machine with vLLM, else HF."""
-    if is_api_model or engine == "api":
-        if engine not in (None, "api"):
-            raise ConfigError(f"image_tagging_vlm_mapper: engine={engine!r} conflicts with is_api_model=true")
-        return "api"
-    if model.startswith("builtin:"):
-        if engine not in (None, "embedded"):
-            raise ConfigError(f"image_tagging_vlm_mapper: engine={engine!r} cannot run the built-in model {model!r}")
-        return "embedded"
-    if engine == "embedded":
-        raise ConfigError(
-            f"image_tagging_vlm_mapper: engine='embedded' needs a built-in model name (builtin:...), got {model!r}"
-        )
-    if engine:
-        return engine
-    return "vllm" if _vllm_usable() else "hf"
-
-
 @dataclass
 class _Outcome:
     tags: list[str] | None = None
     error: str | None = None
     unmapped: list[str] = field(default_factory=list)
-
-
-class _Breaker:
-    """Decides when failures mean the run itself is broken (bad or revoked key, wrong model, server down).
-
-    Two rules: `streak` final failures in a row with the same 401/403/404 (an answer about the whole run, not
-    one image); or at least `ratio` of the last `window` images failed once `min_seen` were seen.
-    """
-
-    def __init__(self, window: int = 100, min_seen: int = 50, ratio: float = 0.95, streak: int = 3) -> None:
-        self._lock = threading.Lock()
-        self._recent: collections.deque[bool] = collections.deque(maxlen=window)
-        self._min_seen, self._ratio, self._streak = min_seen, ratio, streak
-        self._run: list[str] = []  # the current streak of same-status run-level failures (their errors)
-        self._run_status: int | None = None
-
-    def record(self, ok: bool, response: Response | None = None, error: str = "") -> None:
-        with self._lock:
-            self._recent.append(ok)
-            status = response.status if response is not None and not response.retryable else None
-            if ok or status not in _AUTH_STATUSES:
-                self._run, self._run_status = [], None
-            elif status == self._run_status:
-                self._run.append(error)
-            else:
-                self._run, self._run_status = [error], status
-
-    def check(self) -> None:
-        with self._lock:
-            if len(self._run) >= self._streak:
-                raise RunAborted(f"{len(self._run)} requests in a row failed with the same error: {self._run[0]}")
-            failures = self._recent.count(False)
-            if len(self._recent) >= self._min_seen and failures >= self._ratio * len(self._recent):
-                raise RunAborted(f"{failures} of the last {len(self._recent)} images failed; stopping the run")
 
 
 @register("image_tagging_vlm_mapper")
@@ -258,7 +126,7 @@ class ImageTaggingVLMMapper:
         self._engine: Engine | None = None
         self._engine_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
-        self._breaker = _Breaker()
+        self._breaker = FailFast()
         self._fetch_limits = FetchLimits(read_timeout=opts.fetch_timeout, max_bytes=opts.max_image_bytes)
         self._backoff = wait_exponential(multiplier=opts.retry_backoff, max=opts.max_backoff) + wait_random(
             0, opts.retry_backoff
