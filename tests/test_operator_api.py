@@ -293,3 +293,34 @@ def test_api_key_from_environment(server, photo_dir, monkeypatch):
     out = run_rows(op, [row("coffee.jpg", text="say: from-env")], photo_dir)
     assert out[0]["__dj__meta__"]["image_tags"] == [["from-env"]]
     assert server.requests[0].headers["authorization"] == "Bearer env-key"
+
+
+def test_image_urls_that_fail_for_a_moment_are_fetched_again(server, photo_dir):
+    good = (photo_dir / "coffee.jpg").read_bytes()
+    hits = {"n": 0}
+
+    class Flaky(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits["n"] += 1
+            if hits["n"] == 1:
+                self.send_response(503)
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(good)))
+            self.end_headers()
+            self.wfile.write(good)
+
+        def log_message(self, *a):
+            pass
+
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    try:
+        op = make_op(server)
+        out = run_rows(op, [row(f"http://127.0.0.1:{files.server_port}/coffee.jpg", text="say: fetched")], photo_dir)
+    finally:
+        files.shutdown()
+    assert out[0]["__dj__meta__"] == {"image_tags": [["fetched"]], "image_tags_errors": [None]}
+    assert hits["n"] == 2

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from pydantic import ValidationError
-from tenacity import Retrying, retry_if_result, stop_after_attempt, wait_exponential, wait_random
+from tenacity import Retrying, retry_if_exception, retry_if_result, stop_after_attempt, wait_exponential, wait_random
 
 from vlmtag.cache.base import AnswerCache
 from vlmtag.cost import Pricing, text_tokens, visual_tokens
@@ -330,7 +330,11 @@ class ImageTaggingVLMMapper:
             if isinstance(source, bytes):
                 return source
             try:
-                return read_source(source, base_dir=base_dir, limits=self._fetch_limits)
+                for attempt in Retrying(stop=stop_after_attempt(self.options.try_num), wait=self._backoff,
+                                        retry=retry_if_exception(lambda e: getattr(e, "retryable", False)),
+                                        reraise=True):
+                    with attempt:  # a URL that timed out or answered 429/5xx gets the same attempt budget
+                        return read_source(source, base_dir=base_dir, limits=self._fetch_limits)
             except ImageError as e:
                 return str(e)
 
