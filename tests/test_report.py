@@ -418,3 +418,31 @@ def test_report_of_an_aborted_run_finds_its_stats(hand_export, tmp_path):
     page = Path(write_report(str(partial), str(tmp_path / "r.html")).path).read_text(encoding="utf-8")
     assert "aborted: stopped: 5 consecutive failures &lt;b&gt;" in page
     assert card(page, "Retries") == "2"
+
+
+def test_report_and_eval_read_a_folder_export(tmp_path, photo_dir):
+    """A folder of input shards gives a folder export (one part per shard); report and eval read all parts."""
+    import json as _json
+
+    from vlmtag.cli import main as cli_main
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i, names in enumerate([("coffee", "chelsea"), ("rocket",)]):
+        (shards / f"part-{i}.jsonl").write_text("".join(
+            _json.dumps({"images": [str(photo_dir / f"{n}.jpg")]}) + "\n" for n in names))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(_json.dumps({"dataset_path": str(shards), "export_path": str(tmp_path / "out"),
+                                   "process": [{"image_tagging_vlm_mapper": {"api_or_hf_model": "builtin:default"}}]}))
+    assert cli_main(["-q", "run", "--config", str(recipe)]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["part-0.jsonl", "part-1.jsonl"]
+    html_path = tmp_path / "report.html"
+    assert cli_main(["-q", "report", str(tmp_path / "out"), "-o", str(html_path)]) == 0
+    assert html_path.read_text().count('class="card') >= 3
+    gold = tmp_path / "gold.jsonl"
+    gold.write_text("".join(_json.dumps({"images": [str(photo_dir / f"{n}.jpg")], "labels": [[lab]]}) + "\n"
+                            for n, lab in [("coffee", "cup"), ("chelsea", "cat"), ("rocket", "missile")]))
+    scores = tmp_path / "scores.json"
+    assert cli_main(["-q", "eval", "--pred", str(tmp_path / "out"), "--gold", str(gold), "--json", str(scores)]) == 0
+    result = _json.loads(scores.read_text())
+    assert result["micro"]["recall"] == 1.0

@@ -143,18 +143,15 @@ class Evaluation:
 
 
 def _rows(path: str, what: str) -> Iterator[tuple[int, dict]]:
-    from vlmtag.io import read_batches
+    from vlmtag.io.exports import iter_export_rows
 
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise ConfigError(f"--{what} {path}: file not found")
     try:
-        n = 0
-        for batch in read_batches(path, _READ_BATCH):
-            for row in batch:
-                n += 1
-                yield n, row
-    except ConfigError:
-        raise
+        for n, row in enumerate(iter_export_rows(path), 1):
+            yield n, row
+    except ConfigError as e:
+        raise ConfigError(f"--{what} {e}") from None
     except (OSError, ValueError) as e:  # UnsupportedFormat is a ValueError; so are broken JSON arrays
         raise ConfigError(f"--{what} {path}: cannot read it: {e}") from None
 

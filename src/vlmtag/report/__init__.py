@@ -4,7 +4,8 @@
 `html.py` writes the single self-contained page.
 """
 
-from vlmtag.report.collect import ReportData, collect, iter_export_rows, load_stats
+from vlmtag.io.exports import iter_export_rows
+from vlmtag.report.collect import ReportData, collect, load_stats
 from vlmtag.report.html import ReportResult, build_report, default_report_path, render, write_report
 
 __all__ = [

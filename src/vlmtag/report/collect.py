@@ -13,9 +13,8 @@ import re
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
-from vlmtag.errors import ConfigError
 from vlmtag.rowkeys import INVALID_ROW_KEY, META_KEY
 from vlmtag.stats import reason_kind
 
@@ -208,31 +207,9 @@ def _co_occurrence(counts: Counter, tag_ids: dict[str, int], flat: array, ends: 
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def iter_export_rows(path: str) -> Iterator[dict]:
-    """The export's rows one at a time: JSONL line by line, Parquet batch by batch, a JSON array all at once."""
-    from vlmtag.io import UnsupportedFormat, format_of, read_batches
-
-    if not os.path.exists(path):
-        raise ConfigError(f"{path}: no such export file")
-    if os.path.isdir(path):
-        raise ConfigError(f"{path}: is a folder; expected an export file (.jsonl, .json or .parquet)")
-    try:
-        format_of(path)
-    except UnsupportedFormat as e:
-        raise ConfigError(str(e)) from None
-    try:
-        for batch in read_batches(path, 512):
-            yield from batch
-    except (ValueError, OSError) as e:  # a JSON array that does not parse, a broken Parquet file
-        raise ConfigError(f"{path}: cannot read the export ({str(e)[:200]})") from None
-    except Exception as e:  # pyarrow's own errors
-        if type(e).__module__.startswith("pyarrow"):
-            raise ConfigError(f"{path}: cannot read the export ({str(e)[:200]})") from None
-        raise
-
-
 def stats_path_candidates(export_path: str) -> list[str]:
     """Where the run wrote its stats: next to the export, or next to the export a `.partial` file stands in for."""
+    export_path = export_path.rstrip("/" + os.sep)
     out = [export_path + ".stats.json"]
     head, name = os.path.split(export_path)
     m = _PARTIAL.match(name)

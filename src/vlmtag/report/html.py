@@ -20,7 +20,8 @@ from typing import Iterable
 
 from vlmtag import __version__
 from vlmtag.errors import ConfigError
-from vlmtag.report.collect import Entry, ReportData, collect, iter_export_rows, load_stats
+from vlmtag.io.exports import iter_export_rows
+from vlmtag.report.collect import Entry, ReportData, collect, load_stats
 from vlmtag.report.thumbnails import Thumbnail, make_thumbnails
 
 DEFAULT_MAX_GALLERY = 200
