@@ -239,3 +239,31 @@ def test_executor_type_ray_without_ray_installed_is_one_clear_line(tmp_path, ser
     err = capsys.readouterr().err.strip()
     assert err == "vlmtag: error: executor_type: ray needs Ray, which is not installed: pip install 'vlmtag[ray]'"
     assert server.count == 0
+
+
+def test_ray_pool_size_and_resources_follow_data_juicer(server):
+    from vlmtag.executors.ray import actor_resources, pool_size
+
+    make = get_operator("image_tagging_vlm_mapper")
+    api = make(**api_op(server))
+    assert pool_size([api], np=3) == 3  # the recipe's np
+    assert pool_size([make(**api_op(server, num_proc=5))], np=3) == 5  # the op's num_proc wins
+    assert actor_resources([api], cluster_gpus=8) == {"num_cpus": 1.0, "num_gpus": 0.0}  # API: no GPU
+    hf = make("Qwen/Qwen2.5-VL-7B-Instruct", engine="hf")
+    assert actor_resources([hf], cluster_gpus=0)["num_gpus"] == 0  # no GPU in the cluster
+    assert actor_resources([hf], cluster_gpus=8)["num_gpus"] == 1
+    tp2 = make("Qwen/Qwen2.5-VL-7B-Instruct", engine="vllm", model_params={"tensor_parallel_size": 2})
+    assert actor_resources([tp2], cluster_gpus=8)["num_gpus"] == 2
+    assert actor_resources([make("m", engine="hf", num_gpus=0.5, num_cpus=2)], cluster_gpus=8) == {
+        "num_cpus": 2.0, "num_gpus": 0.5}
+    assert actor_resources([make("m", engine="hf", accelerator="cpu")], cluster_gpus=8)["num_gpus"] == 0
+
+
+def test_ray_client_address_is_refused_with_what_to_do_instead(tmp_path, server, capsys):
+    pytest.importorskip("ray")
+    recipe = write_recipe(tmp_path, write_api_dataset(tmp_path, 2), **api_op(server))
+    assert main(["run", "--config", str(recipe), "--set", "executor_type=ray",
+                 "--set", "ray_address=ray://head:10001"]) == 2
+    err = capsys.readouterr().err
+    assert "Ray Data does not run through Ray Client" in err and "ray_address: auto" in err
+    assert server.count == 0

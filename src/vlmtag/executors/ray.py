@@ -20,6 +20,9 @@ Answer cache: each actor opens the driver's SQLite cache path. On one machine th
 caches per node, so an answer cached on another node is simply asked again. Keep `cache_path` on node-local
 disk; do not put the SQLite file on a network filesystem (NFS locking is unreliable; SQLite can corrupt).
 
+Where the driver runs: on a machine of the cluster (`ray_address: auto` there, e.g. through `ray job submit`).
+Ray Client (`ray://`) is refused with a clear error: Ray Data does not run through it.
+
 Images are read by the actors: relative paths resolve against the dataset's folder on the driver, so on a
 multi-node cluster that folder must be at the same path on every node (a shared filesystem), or images must be
 URLs or bytes inside the rows (WebDataset, Parquet image columns).
@@ -31,6 +34,7 @@ import collections
 import functools
 import inspect
 import logging
+import os
 import pickle
 import queue as queue_module
 import threading
@@ -58,29 +62,43 @@ def import_ray() -> Any:
 
 
 def ray_executor(address: str = "auto", np: int = 1) -> Callable[..., None]:
-    """The executor for `run_job`; fails now, with one line, when Ray is not installed."""
+    """The executor for `run_job`; fails now, with one line, when Ray is not installed or the address cannot work."""
     import_ray()
+    check_address(address)
     return functools.partial(run_ray, address=address, np=np)
+
+
+def check_address(address: str | None) -> None:
+    if address and address.startswith("ray://"):
+        raise ConfigError(
+            f"ray_address={address!r}: Ray Data does not run through Ray Client (ray://); run vlmtag on a node "
+            "of the cluster with ray_address: auto, e.g. ray job submit --address http://HEAD:8265 -- vlmtag run "
+            "--config recipe.yaml"
+        )
 
 
 def connect(ray: Any, address: str | None) -> bool:
     """Connect to (or start) Ray. True when this call did it, so the caller shuts it down again afterwards.
 
-    `auto`: the cluster this machine belongs to (`ray start --head`, `RAY_ADDRESS`), else a new local instance;
-    `local`: a new local instance; `ray://host:10001` (Ray Client) or `host:6379`: that cluster.
+    `auto`: the cluster this machine belongs to (`ray start`, or `RAY_ADDRESS`), else (no cluster found and no
+    `RAY_ADDRESS`) a new local instance; `local`: a new local instance; `head:6379`: that cluster (this machine
+    must be able to join it). `ray://` (Ray Client) is refused: Ray Data does not run through Ray Client
+    (ray-project/ray#41634; Data-Juicer also starts its Ray runs on the head node).
     """
+    check_address(address)
     if ray.is_initialized():
         return False
     if address in (None, "", "local"):
-        ray.init()
+        ray.init(address="local")
         return True
     try:
         ray.init(address=address)
-    except ConnectionError as e:
-        if address != "auto":
-            raise ConfigError(f"ray_address={address!r}: cannot connect to Ray: {str(e).splitlines()[0]}") from None
-        log.warning("ray_address: auto found no running Ray cluster; starting a local Ray instance on this machine")
-        ray.init()
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        if address == "auto" and isinstance(e, ConnectionError) and not os.environ.get("RAY_ADDRESS"):
+            log.warning("ray_address: auto found no running Ray cluster; starting a local Ray instance on this machine")
+            ray.init(address="local")
+            return True
+        raise ConfigError(f"ray_address={address!r}: cannot connect to Ray: {str(e).splitlines()[0]}") from None
     return True
 
 
@@ -135,6 +153,16 @@ class TagActor:
                 result = self.worker.run(rows, base_dir)
             results.append(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
         return pa.table({"idx": batch.column("idx"), "result": pa.array(results, pa.large_binary())})
+
+
+def _quiet_progress_bar_notice() -> None:
+    """Ray Data warns once per process that its progress bars are off; vlmtag turned them off on purpose."""
+    try:
+        from ray.util.debug import log_once
+
+        log_once("ray_data_progress_manager_disabled")  # the key Ray Data checks before that warning
+    except Exception:
+        pass
 
 
 def _queue_source(work_queue: Any) -> Any:
@@ -245,6 +273,7 @@ class _Pipeline:
         # Blocks of one item each, passed on at once: without this, the read task would hold items back
         # until a block of many MiB is full. vlmtag shows its own progress line.
         ctx.target_max_block_size, ctx.enable_progress_bars = 1, False
+        _quiet_progress_bar_notice()
         data_log.setLevel(max(saved_level, logging.WARNING))
         work_queue = Queue(actor_options={"num_cpus": 0})
         collector = None

@@ -8,6 +8,7 @@ doing it (the driver adds those counts to its own operators, so summaries and pr
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -37,7 +38,8 @@ def cache_path(ops: Sequence) -> str | None:
     if path is None:
         log.warning("the answer cache (%s) cannot be opened by worker processes; workers run without it",
                     type(cache).__name__)
-    return path
+        return None
+    return os.path.abspath(path)  # workers may run in another folder
 
 
 def merge_stats(ops: Sequence, result: WorkerResult) -> None:
