@@ -220,8 +220,12 @@ def run_job(
         return RunResult(the_plan.export_path, stats_path, stats.get("rows", 0), 0.0, stats,
                          already_complete=True, work_dir=job.dir, outputs=the_plan.outputs)
 
+    remote = getattr(executor, "builds_own_ops", False)
     for op in ops:
-        op.setup()
+        # Build the engine now so bad settings fail before any data is read; but never load a local model
+        # into the driver when workers load their own (that memory, or GPU, would be wasted).
+        if not (remote and op.engine_kind in ("hf", "vllm")):
+            op.setup()
     cache = None
     if use_cache:
         cache = SqliteAnswerCache(cache_path or os.path.join(state_root, "cache.sqlite"))
@@ -398,7 +402,7 @@ def _pick_executor(recipe: Recipe, ops: Sequence) -> Callable[..., None]:
     if recipe.executor_type == "ray":
         from vlmtag.executors.ray import ray_executor
 
-        return ray_executor(recipe.ray_address, np=recipe.np)
+        return _builds_own_ops(ray_executor(recipe.ray_address, np=recipe.np))
     if recipe.np > 1:
         if any(op.engine_kind == "api" for op in ops):
             log.warning("np=%d is not used with an API engine: one process keeps `concurrency` requests in flight "
@@ -406,8 +410,13 @@ def _pick_executor(recipe: Recipe, ops: Sequence) -> Callable[..., None]:
         else:
             from vlmtag.executors.processes import run_processes
 
-            return functools.partial(run_processes, workers=recipe.np)
+            return _builds_own_ops(functools.partial(run_processes, workers=recipe.np))
     return run_local
+
+
+def _builds_own_ops(executor: functools.partial) -> functools.partial:
+    executor.builds_own_ops = True  # its workers build engines from `op.spec`; the driver needs none
+    return executor
 
 
 def inline_shard(paths: Sequence[str], base_dir: str) -> Shard:
