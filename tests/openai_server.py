@@ -179,6 +179,22 @@ class Reply:
                                       "finish_reason": "stop"}]})
 
 
+def user_text(body: Any) -> str:
+    """The text part of the user message in a chat-completions body ("" when there is none)."""
+    for message in body.get("messages", []):
+        if message.get("role") == "user" and isinstance(message.get("content"), list):
+            for part in message["content"]:
+                if part.get("type") == "text":
+                    return part["text"]
+    return ""
+
+
+def say(body: Any, attempt: int) -> "Reply | None":
+    """A `behaviour` answering the words after `say:` in the prompt as tags, so a test knows every row's tags."""
+    text = user_text(body)
+    return Reply.tags(text.split("say:", 1)[1].split("\n", 1)[0].split()) if "say:" in text else None
+
+
 @dataclass
 class Recorded:
     """One request as the server saw it."""

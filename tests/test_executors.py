@@ -13,25 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from openai_server import OpenAIServer, Reply
+from openai_server import OpenAIServer, Reply, say
 from vlmtag.cli import main
 from vlmtag.executors import WorkItem
 from vlmtag.ops import RunAborted, get_operator
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
-
-
-def user_text(body) -> str:
-    for m in body["messages"]:
-        if m["role"] == "user":
-            return next(p["text"] for p in m["content"] if p["type"] == "text")
-    return ""
-
-
-def say(body, attempt):
-    """Answer the tags written after `say:` in the row's text, so every row's tags are known exactly."""
-    text = user_text(body)
-    return Reply.tags(text.split("say:", 1)[1].split("\n", 1)[0].split()) if "say:" in text else None
 
 
 def read_jsonl(path) -> list[dict]:

@@ -11,32 +11,15 @@ import io
 import json
 import logging
 import threading
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from openai_server import OpenAIServer, Reply
+from openai_server import OpenAIServer, Reply, say, user_text
 from vlmtag import ImageTaggingVLMMapper, RunAborted
 from vlmtag.cli import main
 
 SECRET = "sk-test-SECRET-key-123456"
-
-
-def user_text(body) -> str:
-    for message in body["messages"]:
-        if message["role"] == "user":
-            return next(p["text"] for p in message["content"] if p["type"] == "text")
-    raise AssertionError("no user message")
-
-
-def say(body, attempt):
-    """Answer the tags named after 'say:' in the prompt (our template puts the row's text in it)."""
-    text = user_text(body)
-    if "say:" in text:
-        words = text.split("say:", 1)[1].split("\n", 1)[0].split()
-        return Reply.tags(words)
-    return None
 
 
 @pytest.fixture

@@ -14,22 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from openai_server import OpenAIServer, Reply
+from openai_server import OpenAIServer, Reply, say, user_text
 from vlmtag.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def user_text(body) -> str:
-    for m in body["messages"]:
-        if m["role"] == "user":
-            return next(p["text"] for p in m["content"] if p["type"] == "text")
-    return ""
-
-
-def say(body, attempt):
-    text = user_text(body)
-    return Reply.tags(text.split("say:", 1)[1].split("\n", 1)[0].split()) if "say:" in text else None
 
 
 def read_jsonl(path) -> list[dict]:
