@@ -27,7 +27,7 @@ from vlmtag.engines import Engine, EngineSettings, Request, Response, create_eng
 from vlmtag.errors import ConfigError, config_error
 from vlmtag.images import EncodedImage, FetchLimits, ImageError, prepare_image, read_source
 from vlmtag.ops.fail_fast import FailFast, RunAborted
-from vlmtag.ops.options import DATA_JUICER_OP_ARGS, DEFAULT_MODEL, _Options, resolve_engine_kind
+from vlmtag.ops.options import DATA_JUICER_OP_ARGS, DEFAULT_MODEL, TaggerArguments, resolve_engine_kind
 from vlmtag.ops.registry import register
 from vlmtag.rowkeys import BYTES_KEY, META_KEY
 from vlmtag.prompts import DEFAULT_INPUT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, clean_text, fill_template
@@ -88,7 +88,7 @@ class ImageTaggingVLMMapper:
         ignored = {k: kwargs.pop(k) for k in list(kwargs) if k in DATA_JUICER_OP_ARGS}
         self.num_proc = ignored.get("num_proc")
         try:
-            opts = _Options(
+            opts = TaggerArguments(
                 api_or_hf_model=api_or_hf_model,
                 is_api_model=is_api_model,
                 tag_field_name=tag_field_name,
@@ -102,7 +102,7 @@ class ImageTaggingVLMMapper:
                 **kwargs,
             )
         except ValidationError as e:
-            raise config_error(e, "image_tagging_vlm_mapper", _Options.model_fields) from None
+            raise config_error(e, "image_tagging_vlm_mapper", TaggerArguments.model_fields) from None
         self.options = opts
         self.tag_field_name = opts.tag_field_name
         self.error_field_name = opts.tag_field_name + "_errors"
@@ -192,7 +192,7 @@ class ImageTaggingVLMMapper:
         return [(kept[: self.options.max_tags], unmapped) for kept, unmapped in mapped]
 
     @staticmethod
-    def _load_vocabulary(opts: "_Options") -> "Vocabulary | None":
+    def _load_vocabulary(opts: "TaggerArguments") -> "Vocabulary | None":
         if opts.vocabulary is None:
             if opts.synonyms or opts.constrain_to_vocabulary:
                 raise ConfigError("image_tagging_vlm_mapper: synonyms/constrain_to_vocabulary need a vocabulary")

@@ -58,7 +58,8 @@ class TaggerOptions(BaseModel):
     max_image_bytes: int = Field(50 * 1024 * 1024, ge=1)
 
 
-class _Options(TaggerOptions):
+# Every argument of the operator, Data-Juicer's and ours, validated together.
+class TaggerArguments(TaggerOptions):
     try_num: int = Field(3, ge=1)
     model_params: dict[str, Any] = {}
     sampling_params: dict[str, Any] = {}
