@@ -56,6 +56,14 @@ def test_demo_recipe_runs_as_make_demo_does(tmp_path):
     assert rows_out[7]["__dj__meta__"] == {"image_tags": [[]], "image_tags_errors": [None]}
     stats = json.loads(Path(f"{out}.stats.json").read_text())
     assert stats["rows"] == 8 and stats["images"] == 9 and stats["tagged"] == 9 and stats["failed"] == 0
+    # and the shipped labelled set scores it: the embedded tagger finds person, cup, espresso and cat
+    scores = tmp_path / "scores.json"
+    assert main(["-q", "eval", "--pred", str(out), "--gold", str(ROOT / "examples/gold.jsonl"),
+                 "--json", str(scores)]) == 0
+    result = json.loads(scores.read_text())
+    hits = {row["tag"] for row in result["per_tag"] if row["tp"] > 0}
+    assert {"person", "cup", "espresso", "cat"} <= hits
+    assert 0 < result["micro"]["precision"] < 1
 
 
 def test_data_juicer_demo_dataset_runs_unchanged(tmp_path):
