@@ -207,7 +207,7 @@ def run_job(
         "export": os.path.abspath(the_plan.export_path),
         "outputs": [os.path.abspath(o) for o in the_plan.outputs],
         "ops": provenance(ops)["ops"],
-        "fingerprints": [op._fingerprint for op in ops],
+        "fingerprints": [op.fingerprint for op in ops],
         "batch_size": batch_size,
         "limit": limit,
     }

@@ -379,10 +379,11 @@ class ImageTaggingVLMMapper:
 
     def cache_key(self, image_sha256: str, prompt: str) -> str:
         """SHA-256 of the image bytes and of everything else that changes the model's answer."""
-        return hashlib.sha256(f"{self._fingerprint}\x00{image_sha256}\x00{prompt}".encode()).hexdigest()
+        return hashlib.sha256(f"{self.fingerprint}\x00{image_sha256}\x00{prompt}".encode()).hexdigest()
 
     @functools.cached_property
-    def _fingerprint(self) -> str:
+    def fingerprint(self) -> str:
+        """A hash of everything besides the image and prompt that changes the answer (cache keys, job identity)."""
         o = self.options
         answer_params = {k: v for k, v in o.model_params.items() if k not in _CLIENT_PARAMS}
         doc = {
