@@ -130,6 +130,26 @@ def test_only_successes_are_cached_and_retry_failed_retries_only_failures(tmp_pa
     check_export(out, 10)
 
 
+def test_rerunning_a_job_that_had_failures_retries_only_them(tmp_path, server):
+    data = write_dataset(tmp_path, 10)
+    failing = {"t2", "t5", "t8"}
+
+    def flaky(body, attempt):
+        word = user_text(body).split("say:", 1)[1].split()[0]
+        return Reply.error(400, "refused for now") if word in failing else say(body, attempt)
+
+    server.behaviour = flaky
+    recipe = write_recipe(tmp_path, server, data)
+    assert main(["-q", "run", "--config", str(recipe)]) == 0
+    assert server.count == 10
+    failing.clear()
+    assert main(["-q", "run", "--config", str(recipe)]) == 0  # the same command again
+    assert server.count == 13  # the three failures, nothing else
+    check_export(tmp_path / "out" / "tagged.jsonl", 10)
+    assert main(["-q", "run", "--config", str(recipe)]) == 0  # now without failures: nothing to do
+    assert server.count == 13
+
+
 def test_abort_keeps_finished_batches_and_a_rerun_resumes(tmp_path, server, capsys):
     data = write_dataset(tmp_path, 40)
     state = {"n": 0, "broken": True}

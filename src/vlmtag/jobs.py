@@ -81,6 +81,12 @@ class Job:
         except (OSError, ValueError):
             return None
 
+    def restart(self) -> None:
+        """Forget that the job finished, so it runs again from the first batch."""
+        if os.path.exists(self.complete_path):
+            os.remove(self.complete_path)
+        os.makedirs(self.chunk_dir, exist_ok=True)
+
     def mark_complete(self, info: dict) -> None:
         _atomic_write(self.complete_path, json.dumps(info, indent=2, default=str) + "\n")
         shutil.rmtree(self.chunk_dir, ignore_errors=True)

@@ -217,8 +217,13 @@ def run_job(
     if finished and all(os.path.exists(o) for o in the_plan.outputs) and os.path.exists(stats_path):
         with open(stats_path, encoding="utf-8") as f:
             stats = json.load(f)
-        return RunResult(the_plan.export_path, stats_path, stats.get("rows", 0), 0.0, stats,
-                         already_complete=True, work_dir=job.dir, outputs=the_plan.outputs)
+        if not stats.get("failed"):
+            return RunResult(the_plan.export_path, stats_path, stats.get("rows", 0), 0.0, stats,
+                             already_complete=True, work_dir=job.dir, outputs=the_plan.outputs)
+        # Finished with failures: run it again. Answers that came back are in the cache (no request);
+        # only what failed is asked again.
+        log.warning("the last run of this job had %d failed images; running it again to retry them", stats["failed"])
+        job.restart()
 
     remote = getattr(executor, "builds_own_ops", False)
     for op in ops:
