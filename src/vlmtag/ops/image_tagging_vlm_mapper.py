@@ -310,14 +310,18 @@ class ImageTaggingVLMMapper:
         return new_metas
 
     def _map(self, fn: Callable[[Any], Any], items: list) -> list:
-        """`fn` over `items` on the image thread pool (reading and resizing release the GIL)."""
+        """`fn` over `items` on the image thread pool (reading and resizing release the GIL), one contiguous
+        chunk per worker: a task per image would cost more in futures and GIL hand-offs than small images
+        cost to prepare, and slow the API engine's event loop, which shares the GIL."""
         if len(items) <= 1:
             return [fn(x) for x in items]
         if self._pool is None:
             with self._engine_lock:
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(self.options.image_workers, thread_name_prefix="vlmtag-image")
-        return list(self._pool.map(fn, items))
+        size = -(-len(items) // self.options.image_workers)
+        chunks = [items[i : i + size] for i in range(0, len(items), size)]
+        return [y for done in self._pool.map(lambda chunk: [fn(x) for x in chunk], chunks) for y in done]
 
     def _tag_distinct(
         self, sources: list[str | bytes | _BadEntry], requests: list[tuple[int, str]], base_dir: str | None
