@@ -309,7 +309,7 @@ class ImageTaggingVLMMapper:
                 self.stats.add_failure(outcome.error or "error")
         return new_metas
 
-    def _map(self, fn: Callable[[Any], Any], items: list) -> list:
+    def _map(self, fn: Callable[[Any], Any], items: list, workers: int | None = None) -> list:
         """`fn` over `items` on the image thread pool (reading and resizing release the GIL), one contiguous
         chunk per worker: a task per image would cost more in futures and GIL hand-offs than small images
         cost to prepare, and slow the API engine's event loop, which shares the GIL."""
@@ -319,7 +319,7 @@ class ImageTaggingVLMMapper:
             with self._engine_lock:
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(self.options.image_workers, thread_name_prefix="vlmtag-image")
-        size = -(-len(items) // self.options.image_workers)
+        size = -(-len(items) // (workers or self.options.image_workers))
         chunks = [items[i : i + size] for i in range(0, len(items), size)]
         return [y for done in self._pool.map(lambda chunk: [fn(x) for x in chunk], chunks) for y in done]
 
@@ -342,7 +342,11 @@ class ImageTaggingVLMMapper:
             except ImageError as e:
                 return str(e)
 
-        raws = self._map(read, sources)
+        # Reading waits on the network for URLs (use all `image_workers`); local files and preparing are
+        # CPU work, where threads beyond a few per core only fight over the GIL with the API engine's loop.
+        cpu_bound = min(self.options.image_workers, 2 * (os.cpu_count() or 1))
+        remote = any(isinstance(x, str) and "://" in x for x in sources)
+        raws = self._map(read, sources, self.options.image_workers if remote else cpu_bound)
         digests = [hashlib.sha256(r).hexdigest() if isinstance(r, bytes) else None for r in raws]
         outcomes = [_Outcome() for _ in requests]
         keys: list[str | None] = [None] * len(requests)
@@ -370,7 +374,7 @@ class ImageTaggingVLMMapper:
             except ImageError as e:
                 return str(e)
 
-        prepared = dict(zip(needed, self._map(prepare, needed)))
+        prepared = dict(zip(needed, self._map(prepare, needed, cpu_bound)))
         work = []
         for r in todo:
             image = prepared[requests[r][0]]
