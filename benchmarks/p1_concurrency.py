@@ -32,10 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from openai_server import ServerProcess  # noqa: E402
+from p1_efficiency import vlmtag_rate  # noqa: E402  (the same whole-recipe measurement)
 
-from vlmtag.config import parse_recipe  # noqa: E402
 from vlmtag.prompts import DEFAULT_INPUT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, fill_template  # noqa: E402
-from vlmtag.run import run_recipe  # noqa: E402
 
 MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 
@@ -53,28 +52,6 @@ def write_dataset(folder: Path, count: int) -> Path:
     dataset = folder / "dataset.jsonl"
     dataset.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return dataset
-
-
-def vlmtag_rate(dataset: Path, export: Path, base_url: str, concurrency: int, batch_size: int) -> tuple[float, int]:
-    """Images/s of a whole recipe run, and how many images came back with tags."""
-    recipe = parse_recipe({
-        "dataset_path": str(dataset),
-        "export_path": str(export),
-        "process": [{"image_tagging_vlm_mapper": {
-            "api_or_hf_model": MODEL, "is_api_model": True,
-            "model_params": {"base_url": base_url, "api_key": "x"},
-            "concurrency": concurrency, "batch_size": batch_size,
-        }}],
-    })
-    start = time.perf_counter()
-    result = run_recipe(recipe)
-    wall = time.perf_counter() - start
-    tagged = sum(
-        1 for line in export.read_text().splitlines()
-        for tags in json.loads(line)["__dj__meta__"]["image_tags"] if tags
-    )
-    assert result.aborted is None, result.aborted
-    return tagged / wall, tagged
 
 
 def data_juicer_loop_rate(dataset: Path, base_url: str, count: int) -> tuple[float, str]:
