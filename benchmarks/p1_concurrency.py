@@ -26,33 +26,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from openai_server import ServerProcess  # noqa: E402
-from p1_efficiency import vlmtag_rate  # noqa: E402  (the same whole-recipe measurement)
+from p1_efficiency import MODEL, vlmtag_rate, write_dataset  # noqa: E402  (same dataset and measurement)
 
 from vlmtag.prompts import DEFAULT_INPUT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, fill_template  # noqa: E402
-
-MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
-
-
-def write_dataset(folder: Path, count: int) -> Path:
-    """`count` distinct small images (48x48, PNG and JPEG alternately) and a JSONL dataset naming them."""
-    (folder / "images").mkdir(parents=True)
-    rows = []
-    for i in range(count):
-        im = Image.new("RGB", (48, 48), (i % 251, (i * 7) % 253, (i * 13) % 255))
-        im.putpixel((i % 48, (i // 48) % 48), (255 - i % 256, 0, 0))  # distinct even where colours repeat
-        name = f"images/img_{i:05d}." + ("png" if i % 2 else "jpg")
-        im.save(folder / name)
-        rows.append({"images": [name], "text": f"<__dj__image> test image number {i}"})
-    dataset = folder / "dataset.jsonl"
-    dataset.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return dataset
-
 
 def data_juicer_loop_rate(dataset: Path, base_url: str, count: int) -> tuple[float, str]:
     """Images/s of one blocking request per image, the way Data-Juicer's operator sends them."""

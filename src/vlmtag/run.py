@@ -438,16 +438,13 @@ def inline_shard(paths: Sequence[str], base_dir: str) -> Shard:
 
 
 def image_rows(paths: Sequence[str]) -> Iterator[dict]:
-    from vlmtag.io.dataset import IMAGE_EXTENSIONS
+    from vlmtag.io.folder import image_paths
 
     for path in paths:
         if "://" in path or os.path.isfile(path):
             yield {"images": [path]}
         elif os.path.isdir(path):
-            for root, dirs, files in os.walk(path):
-                dirs.sort()
-                for name in sorted(files):
-                    if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                        yield {"images": [os.path.join(root, name)]}
+            for rel in image_paths(path):  # the same walk as a folder-of-images dataset
+                yield {"images": [os.path.join(path, rel)]}
         else:
             raise ConfigError(f"{path}: no such file or folder")

@@ -23,9 +23,6 @@ def render_summary(result: RunResult, console: Console, *, resume_command: str =
                       markup=False, highlight=False)
         console.print(f"summary: {result.stats_path}", markup=False)
         return
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column(justify="right")
     rows = [
         ("rows", f"{s.get('rows', 0):,}"),
         ("images", f"{s.get('images', 0):,}"),
@@ -43,9 +40,7 @@ def render_summary(result: RunResult, console: Console, *, resume_command: str =
         rows.insert(1, ("rows resumed (done before)", f"{s['rows_resumed']:,}"))
     if s.get("rows_already_tagged"):
         rows.insert(1, ("rows already tagged (kept)", f"{s['rows_already_tagged']:,}"))
-    for name, value in rows:
-        table.add_row(name, value)
-    console.print(table)
+    console.print(_table(rows))
     reasons = s.get("failure_reasons") or {}
     if reasons:
         console.print("top failure reasons:")
@@ -64,9 +59,6 @@ def render_summary(result: RunResult, console: Console, *, resume_command: str =
 
 
 def render_dry_run(report, console: Console) -> None:
-    table = Table(show_header=False, box=None, pad_edge=False, title="dry run: no request sent", title_justify="left")
-    table.add_column(style="bold")
-    table.add_column(justify="right")
     rows = [
         ("rows", f"{report.rows:,}"),
         ("rows already tagged (kept)", f"{report.rows_already_tagged:,}"),
@@ -79,8 +71,16 @@ def render_dry_run(report, console: Console) -> None:
     ]
     if report.cost is not None:
         rows.append(("cost (estimate / at most)", f"{report.cost:.4f} / {report.cost_max:.4f}"))
-    for name, value in rows:
-        table.add_row(name, value)
-    console.print(table)
+    console.print(_table(rows, title="dry run: no request sent"))
     for kind, n in report.bad_images.most_common(5):
         console.print(f"  {n:>8,}  {report.examples[kind]}", markup=False, highlight=False)
+
+
+def _table(rows: list[tuple[str, str]], title: str | None = None) -> Table:
+    """Names in bold on the left, values right-aligned: the layout of every summary."""
+    table = Table(show_header=False, box=None, pad_edge=False, title=title, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
