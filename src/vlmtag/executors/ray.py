@@ -5,7 +5,8 @@ The pipeline is read -> `map_batches` with an actor pool -> back to the driver:
 - read: the driver streams its work items (batches of rows still to do; finished ones were skipped by the job
   layer) into a small Ray queue, and one read task turns each into a one-row block. A work item travels as a
   single binary value (its rows pickled: nested dicts and image bytes do not map well to Arrow columns). No
-  more than about 2 x pool size items are on their way at once, so memory stays flat however large the input.
+  more than 2 x pool size items are in Ray at once, and no more than 4 times that wait to be written in
+  order, so memory stays flat however large the input.
 - map: a pool of actors (Ray Data `ActorPoolStrategy`); each rebuilds the operators from their specs and builds
   its engine once. Pool size: the operator's `num_proc`, else the recipe's `np` (as Data-Juicer does). Each
   actor asks for `num_gpus` GPUs: the operator's `num_gpus` when given, else for a local model (hf/vllm)
@@ -224,6 +225,7 @@ class _Pipeline:
         self.ray, self.ops = ray, ops
         self.pool = pool_size(ops, np)
         self.max_in_flight = max_in_flight or 2 * self.pool
+        self.max_waiting = 4 * self.max_in_flight
         self.resources = actor_resources(ops, ray.cluster_resources().get("GPU", 0))
         self.results: queue_module.Queue = queue_module.Queue()
         self.pending: collections.deque[tuple[int, WorkItem]] = collections.deque()
@@ -254,8 +256,12 @@ class _Pipeline:
     def _collect(self, ds: Any) -> None:
         """In a thread: results as they come out of Ray (in whatever order), into `self.results`."""
         try:
-            for row in ds.iter_rows():
-                self.results.put((int(row["idx"]), row["result"]))
+            # prefetch_batches=0: each result is handed over as soon as it exists. With prefetching (iter_rows
+            # always prefetches one), Ray holds a finished block back until the next one arrives; when the held
+            # one is the oldest result, which the driver waits for before it sends more, the pipeline stalls.
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+                for idx, result in zip(batch.column("idx").to_pylist(), batch.column("result").to_pylist()):
+                    self.results.put((int(idx), result))
         except BaseException as e:
             self.results.put(e)
         finally:
@@ -298,8 +304,11 @@ class _Pipeline:
                 collector.join(timeout=60)
 
     def _send(self, work_queue: Any, items: Any) -> None:
-        """Keep up to `max_in_flight` items on their way; after the last one, the end marker."""
-        while not self.end_sent and len(self.pending) < self.max_in_flight:
+        """Keep up to `max_in_flight` items in Ray (and no more than `max_waiting` sent but not yet handed to
+        `done`, so a slow item cannot make the reorder buffer grow without end); after the last one, the end
+        marker."""
+        while (not self.end_sent and len(self.pending) - len(self.arrived) < self.max_in_flight
+               and len(self.pending) < self.max_waiting):
             item = next(items, None)
             if item is None:
                 work_queue.put(None)
@@ -309,33 +318,42 @@ class _Pipeline:
             self.pending.append((self.sent, item))
             self.sent += 1
 
-    def _next_result(self) -> WorkerResult | None:
-        """The result of the oldest pending item (waiting for it); None when the stream ended without it."""
-        idx = self.pending[0][0]
-        while idx not in self.arrived:
-            if self.stream_ended:
-                return None
-            message = self.results.get()
-            if message is _END:
-                self.stream_ended = True
-            elif isinstance(message, BaseException):
-                raise message
-            elif message[0] >= idx:  # anything older was given up on (Ctrl-C during a put)
-                self.arrived[message[0]] = message[1]
+    def _receive(self) -> None:
+        """Wait for the next message from the collector thread and record it."""
+        message = self.results.get()
+        if message is _END:
+            self.stream_ended = True
+        elif isinstance(message, BaseException):
+            raise message
+        elif self.pending and message[0] >= self.pending[0][0]:  # anything older was given up on (Ctrl-C)
+            self.arrived[message[0]] = message[1]
+
+    def _take_oldest(self) -> tuple[WorkItem, WorkerResult] | None:
+        """The oldest pending item and its result when that has arrived, else None."""
+        idx, item = self.pending[0]
+        if idx not in self.arrived:
+            return None
         self.pending.popleft()
         result: WorkerResult = pickle.loads(self.arrived.pop(idx))
         merge_stats(self.ops, result)
-        return result
+        return item, result
 
     def _feed_and_finish(self, items: Any, work_queue: Any, done: Callable) -> None:
+        # Sending goes on while the oldest item is still out: results come back in any order, and waiting for
+        # the oldest before sending more would leave actors idle behind one slow item.
         while True:
             self._send(work_queue, items)
             if not self.pending:
                 return
-            _, item = self.pending[0]
-            result = self._next_result()
-            if result is None:
-                raise RuntimeError("the Ray pipeline stopped before every item was processed")
+            taken = self._take_oldest()
+            while taken is None:
+                if self.stream_ended:
+                    raise RuntimeError("the Ray pipeline stopped before every item was processed")
+                self._receive()
+                taken = self._take_oldest()
+                if taken is None:
+                    self._send(work_queue, items)
+            item, result = taken
             if result.error is not None:
                 raise result.error
             done(item, result.rows)
@@ -346,20 +364,19 @@ class _Pipeline:
             work_queue.put(None)
             self.end_sent = True
         while self.pending:
-            _, item = self.pending[0]
             try:
-                result = self._next_result()
+                taken = self._take_oldest()
+                if taken is None:
+                    if self.stream_ended:
+                        return
+                    self._receive()
+                    continue
             except Exception:
                 return
-            if result is None:
-                return
+            item, result = taken
             if result.error is None:
                 done(item, result.rows)
 
     def _wait_end(self) -> None:
         while not self.stream_ended:
-            message = self.results.get()
-            if message is _END:
-                self.stream_ended = True
-            elif isinstance(message, BaseException):
-                raise message
+            self._receive()
