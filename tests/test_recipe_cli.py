@@ -38,6 +38,7 @@ def test_demo_recipe_runs_as_make_demo_does(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert str(out) in proc.stdout and f"{out}.stats.json" in proc.stdout
+    assert "XNNPACK" not in proc.stderr  # LiteRT's start-up banner is not passed on
     rows_in = read_jsonl(ROOT / "examples/demo.jsonl")
     rows_out = read_jsonl(out)
     assert len(rows_out) == len(rows_in)

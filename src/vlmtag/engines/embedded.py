@@ -13,9 +13,13 @@ exactly like any other engine's answer.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import json
+import os
+import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -128,6 +132,34 @@ class _Detector:
         return [_Tag(label, score) for label, score in best.items()]
 
 
+_LITERT_BANNER = b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+
+
+@contextlib.contextmanager
+def _without_litert_banner() -> Any:
+    """LiteRT's C++ logger writes `_LITERT_BANNER` straight to file descriptor 2 when tensors are allocated,
+    and no setting silences it; every run would print it. Capture fd 2 for that call and pass on anything
+    else that was written meanwhile."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), fd)
+        try:
+            yield
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+            captured.seek(0)
+            rest = [line for line in captured.read().splitlines(keepends=True) if not line.startswith(_LITERT_BANNER)]
+            if rest:
+                os.write(fd, b"".join(rest))
+
+
 class _Classifier:
     """EfficientNet-Lite3 int8 ImageNet-1k via ai-edge-litert. The interpreter is not thread-safe: a lock."""
 
@@ -139,7 +171,8 @@ class _Classifier:
         model, labels = (_model_file(n) for n in CLASSIFIER_FILES)
         self._np, self._cv2 = np, cv2
         self._interpreter = Interpreter(model_path=str(model), num_threads=num_threads)
-        self._interpreter.allocate_tensors()
+        with _without_litert_banner():
+            self._interpreter.allocate_tensors()
         inp = self._interpreter.get_input_details()[0]
         out = self._interpreter.get_output_details()[0]
         _, self._height, self._width, channels = (int(v) for v in inp["shape"])
