@@ -213,3 +213,12 @@ def test_progress_goes_to_the_log_when_not_on_a_terminal(tmp_path, photo_dir, ca
     assert "vlmtag: progress: rows 1/2" in err and "vlmtag: progress: rows 2/2" in err
     assert main(["-q", "run", "--config", str(recipe), "--set", f"export_path={tmp_path / 'q.jsonl'}"]) == 0
     assert "progress" not in capsys.readouterr().err
+
+
+def test_a_missing_relative_dataset_path_says_where_it_looked(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tmp_path, dataset_path="data/rows.jsonl", export_path="out.jsonl")
+    assert main(["run", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"vlmtag: error: recipe: dataset_path: data/rows.jsonl: no such file or folder (looked for "
+                   f"{tmp_path / 'data' / 'rows.jsonl'}: relative paths start at the current folder)")

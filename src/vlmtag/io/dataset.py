@@ -99,7 +99,8 @@ def open_dataset(path: str) -> list[Shard]:
             return [_file_shard(p) for p in data_files]
         return [Shard(path, "images", os.path.abspath(path))]
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file or folder")
+        where = "" if os.path.isabs(path) else f" (looked for {os.path.abspath(path)}: relative paths start at the current folder)"
+        raise FileNotFoundError(f"{path}: no such file or folder{where}")
     return [_file_shard(path)]
 
 
