@@ -222,3 +222,14 @@ def test_a_missing_relative_dataset_path_says_where_it_looked(tmp_path, monkeypa
     err = capsys.readouterr().err.strip()
     assert err == (f"vlmtag: error: recipe: dataset_path: data/rows.jsonl: no such file or folder (looked for "
                    f"{tmp_path / 'data' / 'rows.jsonl'}: relative paths start at the current folder)")
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_quiet_works_before_or_after_the_subcommand(tmp_path, photo_dir, capsys, where):
+    out = tmp_path / "o.jsonl"
+    args = ["tag", str(photo_dir), "-o", str(out)]
+    assert main(["-q", *args] if where == "before" else [*args, "-q"]) == 0
+    assert capsys.readouterr().out == ""
+    assert len(read_jsonl(out)) == 4
+    assert main(args) == 0  # without it, the rerun says what it found
+    assert "already complete" in capsys.readouterr().out

@@ -27,6 +27,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict]:
     for name in COMMANDS:
         module = importlib.import_module(f"vlmtag.cli.{name}")
         module.add_parser(sub)
+        # `-q` also after the subcommand (`vlmtag run -q ...`); SUPPRESS keeps a leading -q when it is absent here.
+        sub.choices[name].add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                                       help="print only errors")
         modules[name] = module
     return p, modules
 
