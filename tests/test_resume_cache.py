@@ -162,13 +162,14 @@ def test_abort_keeps_finished_batches_and_a_rerun_resumes(tmp_path, server, caps
 
     server.behaviour = breaks_after_16
     recipe = write_recipe(tmp_path, server, data, concurrency=2)
-    assert main(["run", "--config", str(recipe)]) == 1
+    assert main(["run", "--config", str(recipe), "--set", "op.try_num=2"]) == 1
     out = capsys.readouterr().out
     assert "run aborted" in out and "run the same command again" in out
+    assert f"  vlmtag run --config {recipe} --set op.try_num=2\n" in out  # the whole command, to copy
     assert not (tmp_path / "out" / "tagged.jsonl").exists()
     first = server.count
     state["broken"] = False
-    assert main(["-q", "run", "--config", str(recipe)]) == 0
+    assert main(["-q", "run", "--config", str(recipe), "--set", "op.try_num=2"]) == 0
     check_export(tmp_path / "out" / "tagged.jsonl", 40)
     # finished batches are not asked again; good answers of the failed batch come from the cache
     assert server.count - first <= 40 - 16
@@ -198,3 +199,16 @@ def test_kill_9_at_a_random_moment_then_rerun(tmp_path, seed):
         check_export(tmp_path / "out" / "tagged.jsonl", n)
         # answers are cached as they arrive, so only the requests in flight at the kill are sent again
         assert server.count <= n + concurrency, (killed_at, server.count)
+
+
+def test_an_aborted_quick_tag_run_prints_its_whole_command_to_resume(tmp_path, server, capsys):
+    server.behaviour = lambda body, attempt: Reply.unauthorized("key revoked")
+    make_images(tmp_path / "imgs", 30)
+    out = tmp_path / "tags.jsonl"
+    args = ["tag", str(tmp_path / "imgs"), "-o", str(out), "--api-base", server.base_url, "--model", "m",
+            "--concurrency", "4"]
+    assert main(args) == 1
+    printed = capsys.readouterr().out
+    assert "run aborted" in printed
+    assert ("  vlmtag tag " + str(tmp_path / "imgs") + f" -o {out} --api-base {server.base_url} --model m "
+            "--concurrency 4\n") in printed

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import shlex
 import sys
 
 from rich.console import Console
@@ -36,7 +37,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser, modules = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    # How to resume an interrupted job: this very command line, every flag included.
+    args.command_line = shlex.join(["vlmtag", *argv])
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING,
                         format="vlmtag: %(levelname)s: %(message)s")
     console = Console(quiet=args.quiet, soft_wrap=True)

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         return 0
     with progress_reporter(console, _total_rows(recipe, args.limit)) as progress:
         result = run_recipe(recipe, limit=args.limit, retry_failed=args.retry_failed, progress=progress)
-    render_summary(result, console, resume_command=_resume_command(args))
+    render_summary(result, console, resume_command=args.command_line)
     return exit_status(result)
 
 
@@ -65,12 +65,3 @@ def _total_rows(recipe, limit: int | None) -> int | None:
         return count_rows(open_dataset(recipe.dataset_path), limit)
     except (OSError, ValueError):
         return None  # the run itself reports a bad dataset path
-
-
-def _resume_command(args: argparse.Namespace) -> str:
-    parts = ["vlmtag", "run", "--config", args.config]
-    for o in args.overrides:
-        parts += ["--set", o]
-    if args.limit is not None:
-        parts += ["--limit", str(args.limit)]
-    return " ".join(parts)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 
 from rich.console import Console
 
@@ -50,5 +49,5 @@ def run(args: argparse.Namespace, console: Console) -> int:
     with progress_reporter(console) as progress:
         result = run_job([op], [shard], args.output, use_cache=not args.no_cache, limit=args.limit,
                          dataset_label=",".join(args.paths), progress=progress)
-    render_summary(result, console, resume_command=shlex.join(["vlmtag", "tag", *args.paths, "-o", args.output]))
+    render_summary(result, console, resume_command=args.command_line)
     return exit_status(result)
