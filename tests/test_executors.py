@@ -88,7 +88,7 @@ def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
     # A stalled pipeline fails the test in minutes instead of Ray Data's default 30 minutes.
     ctx = ray.data.DataContext.get_current()
-    saved, ctx.execution_no_progress_timeout_s = ctx.execution_no_progress_timeout_s, 180
+    saved, ctx.execution_no_progress_timeout_s = getattr(ctx, "execution_no_progress_timeout_s", None), 180
     yield ray
     ctx.execution_no_progress_timeout_s = saved
     ray.shutdown()
