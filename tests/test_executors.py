@@ -214,6 +214,21 @@ def test_ray_results_out_of_order_with_a_slow_first_item_all_arrive_in_order(tmp
     assert server.count == 6
 
 
+def test_a_ray_api_actor_runs_the_next_item_while_the_last_requests_of_one_are_out(tmp_path, server, ray_cluster):
+    """One actor with two connections (concurrency 2), items of one image: the server only sees two requests at
+    once if the actor runs two items side by side, as the local executor does."""
+    from vlmtag.executors.ray import run_ray
+
+    server.behaviour = lambda body, attempt: Reply.slow(0.5, say(body, attempt))
+    op = get_operator("image_tagging_vlm_mapper")(**api_op(server, concurrency=2))
+    finished = []
+    run_ray([op], items_of(6, 1, tmp_path / "a"), lambda item, rows: finished.append(
+        rows[0]["__dj__meta__"]["image_tags"]), np=1)
+    assert finished == [[[f"t{b}"]] for b in range(6)]
+    assert server.max_in_flight == 2
+    assert op.stats.requests == server.count == 6 and op.stats.tagged == 6
+
+
 def test_ray_actor_error_and_ctrl_c(tmp_path, server, ray_cluster):
     """An operator error in an actor is raised in the driver as itself; Ctrl-C finishes what was sent."""
     from vlmtag.executors.ray import run_ray
@@ -227,9 +242,8 @@ def test_ray_actor_error_and_ctrl_c(tmp_path, server, ray_cluster):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_ray([op], items_of(12, 2, tmp_path / "a"), done, np=2)  # 2 actors, 4 items in Ray at once
-    # Everything sent was finished, in order: at least the 4 in Ray at the interrupt (more when later items
-    # came back before the first and were replaced), never all 12.
+        run_ray([op], items_of(12, 2, tmp_path / "a"), done, np=2)  # 2 actors, up to 6 items in Ray
+    # Everything sent was finished, in order: at least the 4 that two actors run at once, never all 12.
     n = len(finished)
     assert 4 <= n < 12 and [b for b, _ in finished] == list(range(n))
     assert finished[-1][1] == [[[f"t{2 * n - 2}"]], [[f"t{2 * n - 1}"]]]

@@ -5,10 +5,10 @@ The pipeline is read -> `map_batches` with an actor pool -> back to the driver:
 - read: the driver streams its work items (batches of rows still to do; finished ones were skipped by the job
   layer) into a small Ray queue, and one read task turns each into a one-row block. A work item travels as a
   single binary value (its rows pickled: nested dicts and image bytes do not map well to Arrow columns). No
-  more than 2 x pool size items are in Ray at once, and no more than 4 times that wait to be written in
-  order, so memory stays flat however large the input.
+  more than (items per actor + 1) x pool size items are in Ray at once, and no more than 4 times that wait
+  to be written in order, so memory stays flat however large the input.
 - map: a pool of actors (Ray Data `ActorPoolStrategy`); each rebuilds the operators from their specs and builds
-  its engine once. Pool size: the operator's `num_proc`, else the recipe's `np` (as Data-Juicer does). Each
+  its engine once; an actor with an API engine runs two items at once (see `calls_per_actor`). Pool size: the operator's `num_proc`, else the recipe's `np` (as Data-Juicer does). Each
   actor asks for `num_gpus` GPUs: the operator's `num_gpus` when given, else for a local model (hf/vllm)
   `tensor_parallel_size` or 1 when the cluster has GPUs, else 0. The operator's `concurrency` stays the number
   of API requests in flight per actor.
@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from vlmtag.errors import ConfigError
 from vlmtag.executors.base import WorkItem
-from vlmtag.executors.worker import OpWorker, WorkerResult, cache_path, merge_stats, op_specs, portable, release_engines
+from vlmtag.executors.worker import OpWorker, WorkerResult, cache_path, merge_stats, op_specs, portable
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,22 @@ def actor_resources(ops: Sequence, cluster_gpus: float) -> dict[str, float]:
             gpus = 0.0
         num_gpus = max(num_gpus, gpus)
     return {"num_cpus": num_cpus, "num_gpus": num_gpus}
+
+
+API_CALLS_PER_ACTOR = 2
+
+
+def calls_per_actor(ops: Sequence, ray: Any) -> int:
+    """Work items one actor runs at once: 2 when every engine is an API client, as the local executor does, so
+    the next batch's requests start while the last of the current one are still out and the actor's
+    connections do not idle at batch ends; 1 for local models (one model, one batch at a time) and on a Ray
+    too old for concurrent calls in an actor pool."""
+    if not ops or any(op.engine_kind != "api" for op in ops):
+        return 1
+    params = inspect.signature(ray.data.ActorPoolStrategy).parameters
+    if not {"max_concurrent_calls_per_actor", "enable_true_multi_threading"} <= set(params):
+        return 1
+    return API_CALLS_PER_ACTOR
 
 
 class TagActor:
@@ -224,7 +240,8 @@ class _Pipeline:
     def __init__(self, ray: Any, ops: Sequence, np: int, max_in_flight: int | None) -> None:
         self.ray, self.ops = ray, ops
         self.pool = pool_size(ops, np)
-        self.max_in_flight = max_in_flight or 2 * self.pool
+        self.calls_per_actor = calls_per_actor(ops, ray)
+        self.max_in_flight = max_in_flight or (self.calls_per_actor + 1) * self.pool
         self.max_waiting = 4 * self.max_in_flight
         self.resources = actor_resources(ops, ray.cluster_resources().get("GPU", 0))
         self.results: queue_module.Queue = queue_module.Queue()
@@ -249,9 +266,14 @@ class _Pipeline:
             fn_constructor_args=(specs, cache),
             batch_size=1,
             batch_format="pyarrow",
-            compute=rd.ActorPoolStrategy(size=self.pool),
+            compute=rd.ActorPoolStrategy(size=self.pool, **self._concurrent_calls()),
             **self.resources,
         )
+
+    def _concurrent_calls(self) -> dict[str, Any]:
+        if self.calls_per_actor == 1:
+            return {}
+        return {"max_concurrent_calls_per_actor": self.calls_per_actor, "enable_true_multi_threading": True}
 
     def _collect(self, ds: Any) -> None:
         """In a thread: results as they come out of Ray (in whatever order), into `self.results`."""

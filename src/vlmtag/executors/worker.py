@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -85,20 +87,30 @@ class OpWorker:
         except BaseException:
             self.close()
             raise
+        self._stats_lock = threading.Lock()
+        self._reported = [op.stats.as_dict() for op in self.ops]
 
     def run(self, rows: list[dict], base_dir: str | None) -> WorkerResult:
-        from vlmtag.stats import TaggingStats
-
-        for op in self.ops:
-            op.stats = TaggingStats()  # a fresh counter per item: what is returned is this item's delta
+        """One work item. Safe to call from several threads at once (a Ray actor may run two items)."""
         try:
             rows = apply_ops(self.ops, WorkItem(None, rows, base_dir))
         except Exception as e:
-            return WorkerResult(None, self._stats(), portable(e))
-        return WorkerResult(rows, self._stats())
+            return WorkerResult(None, self._stats_delta(), portable(e))
+        return WorkerResult(rows, self._stats_delta())
 
-    def _stats(self) -> list[dict]:
-        return [op.stats.as_dict() for op in self.ops]
+    def _stats_delta(self) -> list[dict]:
+        """What the operators counted since the last call. With items running side by side a count may go
+        back with the other item's result, but every count goes back exactly once, so the driver's sums hold."""
+        with self._stats_lock:
+            deltas = []
+            for i, op in enumerate(self.ops):
+                now = op.stats.as_dict()
+                before = self._reported[i]
+                delta = {k: v - before.get(k, 0) for k, v in now.items() if isinstance(v, int)}
+                delta["failure_reasons"] = dict(Counter(now["failure_reasons"]) - Counter(before["failure_reasons"]))
+                self._reported[i] = now
+                deltas.append(delta)
+            return deltas
 
     def close(self) -> None:
         for op in self.ops:
