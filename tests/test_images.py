@@ -126,6 +126,9 @@ def test_small_plain_jpeg_is_sent_unchanged(photo_dir):
     enc = prepare_image(raw)
     assert enc.data == raw
     assert enc.source_sha256 == hashlib.sha256(raw).hexdigest()
+    # a caller that hashed the bytes already passes the digest on; the image comes out the same
+    again = prepare_image(raw, sha256=enc.source_sha256)
+    assert again == enc
 
 
 def test_small_jpeg_with_exif_is_reencoded_without_metadata():

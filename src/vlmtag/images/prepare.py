@@ -103,15 +103,23 @@ def target_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
 
 
 def prepare_image(
-    raw: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_source_pixels: int = MAX_SOURCE_PIXELS
+    raw: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_source_pixels: int = MAX_SOURCE_PIXELS,
+    sha256: str | None = None,
 ) -> EncodedImage:
-    """Decode ``raw``, apply EXIF orientation, convert to RGB, downscale to at most ``max_pixels``, encode once."""
+    """Decode ``raw``, apply EXIF orientation, convert to RGB, downscale to at most ``max_pixels``, encode once.
+
+    ``sha256``: the hex digest of ``raw`` when the caller has it already (hashing a large photo again costs
+    milliseconds); computed otherwise.
+    """
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be at least 1, got {max_pixels}")
     raw = bytes(raw)
     if not raw:
         raise ImageError("empty file")
-    digest = hashlib.sha256(raw).hexdigest()
+    digest = sha256 or hashlib.sha256(raw).hexdigest()
     im = _open(raw, max_source_pixels)
     if im.format in ("JPEG", "MPO"):
         done = _prepare_jpeg(raw, im, max_pixels)

@@ -370,7 +370,7 @@ class ImageTaggingVLMMapper:
 
         def prepare(img: int) -> EncodedImage | str:
             try:
-                return prepare_image(raws[img], max_pixels=self.options.max_pixels)
+                return prepare_image(raws[img], max_pixels=self.options.max_pixels, sha256=digests[img])
             except ImageError as e:
                 return str(e)
 
