@@ -428,6 +428,21 @@ def test_redirect_to_http_is_followed(server):
     assert read_source(f"{server}/to-photo") == _Handler.photo
 
 
+def test_relative_path_against_a_dataset_served_over_http(server, tmp_path):
+    """A dataset read from https://host/data/rows.jsonl names its images relative to that folder."""
+    assert read_source("photo.jpg", base_dir=server) == _Handler.photo
+    assert read_source("../../photo.jpg", base_dir=f"{server}/data/rows") == _Handler.photo  # stops at the host
+    with pytest.raises(ImageError, match=rf"^HTTP 404 fetching {server}/data/missing.jpg$"):
+        read_source("missing.jpg", base_dir=f"{server}/data")
+    (tmp_path / "local.jpg").write_bytes(b"local bytes")
+    assert read_source(str(tmp_path / "local.jpg"), base_dir=server) == b"local bytes"  # an absolute path is local
+
+
+def test_other_schemes_written_in_the_data_stay_refused_next_to_a_remote_dataset(server):
+    with pytest.raises(ImageError, match="unsupported URL scheme 's3'"):
+        read_source("s3://bucket/a.jpg", base_dir="s3://bucket/data")
+
+
 def test_404_names_the_status_and_url(server):
     with pytest.raises(ImageError, match=rf"^HTTP 404 fetching {server}/missing.jpg$") as info:
         load_image(f"{server}/missing.jpg")

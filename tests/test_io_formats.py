@@ -412,3 +412,25 @@ def test_end_to_end_remote_webdataset_shard(tmp_path, photo_dir, memory_root):
     assert [r["images"] for r in rows] == [[f"00000.tar#{i:09d}.jpg"] for i in range(4)]
     assert "cup" in rows[1]["__dj__meta__"]["image_tags"][0]
     assert all(r["__dj__meta__"]["image_tags_errors"] == [None] for r in rows)
+
+
+def test_relative_image_paths_in_a_remote_jsonl_are_read_from_beside_it(tmp_path, photo_dir, memory_root):
+    put(f"{memory_root}/data/images/coffee.jpg", (photo_dir / "coffee.jpg").read_bytes())
+    put(f"{memory_root}/cats/chelsea.jpg", (photo_dir / "chelsea.jpg").read_bytes())
+    rows_in = [
+        {"id": 0, "images": ["images/coffee.jpg"]},
+        {"id": 1, "images": ["./../cats/chelsea.jpg"]},
+        {"id": 2, "images": ["images/missing.jpg", "../../../outside.jpg"]},
+    ]
+    put(f"{memory_root}/data/rows.jsonl", "".join(json.dumps(r) + "\n" for r in rows_in).encode())
+    out = tmp_path / "tagged.jsonl"
+    run_cli(tmp_path, f"{memory_root}/data/rows.jsonl", out)
+    rows = read_jsonl(out)
+    assert [{k: v for k, v in r.items() if k != "__dj__meta__"} for r in rows] == rows_in  # paths as written
+    assert "cup" in rows[0]["__dj__meta__"]["image_tags"][0]
+    assert "cat" in rows[1]["__dj__meta__"]["image_tags"][0]
+    assert rows[2]["__dj__meta__"]["image_tags"] == [[], []]
+    assert rows[2]["__dj__meta__"]["image_tags_errors"] == [
+        f"file not found: {memory_root}/data/images/missing.jpg",
+        "path leaves the dataset's storage: ../../../outside.jpg",
+    ]

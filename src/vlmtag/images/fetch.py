@@ -8,9 +8,13 @@ What a source string may be:
   http(s));
 - a ``data:[<mime>][;base64],<payload>`` URI, decoded in place (common in datasets exported from web pages).
 
-Any other ``scheme://`` (``file://``, ``s3://``, ``ftp://``, ...) is refused with an ``ImageError`` naming the
-scheme. Every failure is an ``ImageError`` whose text is short enough for an error column and never contains the
-user:password part of a URL.
+Any other ``scheme://`` (``file://``, ``s3://``, ``ftp://``, ...) written in the data is refused with an
+``ImageError`` naming the scheme. The one way to other storage is a relative path when ``base_dir`` (the
+dataset's folder) is itself remote: ``images/1.jpg`` next to ``s3://bucket/data/rows.jsonl`` is read from
+``s3://bucket/data/images/1.jpg`` through fsspec, with the same size cap (an http(s) folder is fetched as
+above). The dataset's owner chose that storage, so it is no more open than a local relative path; a path that
+climbs out of the dataset's bucket or host is refused. Every failure is an ``ImageError`` whose text is short
+enough for an error column and never contains the user:password part of a URL.
 """
 
 from __future__ import annotations
@@ -67,13 +71,76 @@ def read_source(source: str, *, base_dir: str | None = None, limits: FetchLimits
         raise ImageError("empty image source")
     if text[:5].lower() == "data:":
         return _read_data_uri(text, limits)
-    m = _URL_SCHEME.match(text)
-    if m and len(m.group(1)) > 1:  # one letter is a Windows drive ("C://x"), not a scheme
-        scheme = m.group(1).lower()
+    scheme = _scheme(text)
+    if scheme:
         if scheme not in ("http", "https"):
             raise ImageError(f"unsupported URL scheme '{scheme}' (only http and https)")
         return _read_http(text, limits)
+    base_scheme = _scheme(base_dir) if base_dir else None
+    if base_scheme and not text.startswith(("/", "~")):
+        url = _join_remote(base_dir, text)
+        if base_scheme in ("http", "https"):
+            return _read_http(url, limits)
+        return _read_fsspec(url, source, limits)
     return _read_file(source, base_dir, limits)
+
+
+def _scheme(text: str) -> str | None:
+    m = _URL_SCHEME.match(text)
+    if m and len(m.group(1)) > 1:  # one letter is a Windows drive ("C://x"), not a scheme
+        return m.group(1).lower()
+    return None
+
+
+def _join_remote(base_dir: str, relative: str) -> str:
+    """`relative` inside the remote folder `base_dir`; ".." may go up, but not above the bucket or host."""
+    scheme, _, rest = base_dir.partition("://")
+    if scheme.lower() in ("http", "https"):
+        return urllib.parse.urljoin(base_dir.rstrip("/") + "/", relative)  # ".." stops at the host
+    root, _, folder = rest.partition("/")
+    parts = [p for p in folder.split("/") if p]
+    for part in relative.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not parts:
+                raise ImageError(f"path leaves the dataset's storage: {relative}")
+            parts.pop()
+        else:
+            parts.append(part)
+    return f"{scheme}://{root}/" + "/".join(parts)
+
+
+def _read_fsspec(url: str, source: str, limits: FetchLimits) -> bytes:
+    """An image next to a remote dataset (s3://, gs://, ...), read through fsspec, within `limits.max_bytes`."""
+    try:
+        import fsspec
+    except ImportError:
+        raise ImageError(f"reading {url.split('://')[0]}:// needs fsspec (pip install 'vlmtag[remote]')") from None
+    shown = redact_url(url)
+    try:
+        with fsspec.open(url, "rb") as f:
+            size = getattr(f, "size", None)
+            if isinstance(size, int) and size > limits.max_bytes:
+                raise ImageError(_too_large(size, limits, f"file {source}"))
+            data = f.read(limits.max_bytes + 1)
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(f"file not found: {shown}") from None
+    except IsADirectoryError:
+        raise ImageError(f"is a directory, not an image file: {shown}") from None
+    except PermissionError:
+        raise ImageError(f"permission denied: {shown}") from None
+    except ImportError as e:  # the scheme's backend (s3fs, gcsfs, ...) is missing
+        raise ImageError(f"cannot read {shown}: {e}") from None
+    except Exception as e:  # network trouble in the backend: worth another attempt
+        raise ImageError(f"cannot read {shown}: {type(e).__name__}: {str(e)[:100]}", retryable=True) from None
+    if len(data) > limits.max_bytes:
+        raise ImageError(_too_large(None, limits, f"file {source}"))
+    if not data:
+        raise ImageError(f"empty file: {shown}")
+    return data
 
 
 def redact_url(url: str) -> str:

@@ -345,7 +345,7 @@ class ImageTaggingVLMMapper:
         # Reading waits on the network for URLs (use all `image_workers`); local files and preparing are
         # CPU work, where threads beyond a few per core only fight over the GIL with the API engine's loop.
         cpu_bound = min(self.options.image_workers, 2 * (os.cpu_count() or 1))
-        remote = any(isinstance(x, str) and "://" in x for x in sources)
+        remote = "://" in (base_dir or "") or any(isinstance(x, str) and "://" in x for x in sources)
         raws = self._map(read, sources, self.options.image_workers if remote else cpu_bound)
         digests = [hashlib.sha256(r).hexdigest() if isinstance(r, bytes) else None for r in raws]
         outcomes = [_Outcome() for _ in requests]
