@@ -434,6 +434,8 @@ def test_relative_path_against_a_dataset_served_over_http(server, tmp_path):
     assert read_source("../../photo.jpg", base_dir=f"{server}/data/rows") == _Handler.photo  # stops at the host
     with pytest.raises(ImageError, match=rf"^HTTP 404 fetching {server}/data/missing.jpg$"):
         read_source("missing.jpg", base_dir=f"{server}/data")
+    with pytest.raises(ImageError, match="^path leaves the dataset's storage: other.host:80/a.jpg$"):
+        read_source("other.host:80/a.jpg", base_dir=f"{server}/data")
     (tmp_path / "local.jpg").write_bytes(b"local bytes")
     assert read_source(str(tmp_path / "local.jpg"), base_dir=server) == b"local bytes"  # an absolute path is local
 

@@ -96,7 +96,11 @@ def _join_remote(base_dir: str, relative: str) -> str:
     """`relative` inside the remote folder `base_dir`; ".." may go up, but not above the bucket or host."""
     scheme, _, rest = base_dir.partition("://")
     if scheme.lower() in ("http", "https"):
-        return urllib.parse.urljoin(base_dir.rstrip("/") + "/", relative)  # ".." stops at the host
+        url = urllib.parse.urljoin(base_dir.rstrip("/") + "/", relative)  # ".." stops at the host
+        base, joined = urllib.parse.urlsplit(base_dir), urllib.parse.urlsplit(url)
+        if (joined.scheme, joined.netloc) != (base.scheme, base.netloc):  # e.g. "other.host:80/x" reads as a URL
+            raise ImageError(f"path leaves the dataset's storage: {relative}")
+        return url
     root, _, folder = rest.partition("/")
     parts = [p for p in folder.split("/") if p]
     for part in relative.split("/"):
