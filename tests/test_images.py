@@ -440,6 +440,20 @@ def test_relative_path_against_a_dataset_served_over_http(server, tmp_path):
     assert read_source(str(tmp_path / "local.jpg"), base_dir=server) == b"local bytes"  # an absolute path is local
 
 
+def test_a_storage_failure_beside_a_remote_dataset_is_retryable_and_shows_no_credentials(monkeypatch):
+    fsspec = pytest.importorskip("fsspec")
+
+    def unreachable(url, mode):
+        raise ConnectionError(f"failed to reach {url}")
+
+    monkeypatch.setattr(fsspec, "open", unreachable)
+    with pytest.raises(ImageError) as info:
+        read_source("a.jpg", base_dir="s3://user:secret@bucket/data")
+    assert str(info.value) == ("cannot read s3://bucket/data/a.jpg: ConnectionError: failed to reach "
+                               "s3://bucket/data/a.jpg")
+    assert info.value.retryable
+
+
 def test_other_schemes_written_in_the_data_stay_refused_next_to_a_remote_dataset(server):
     with pytest.raises(ImageError, match="unsupported URL scheme 's3'"):
         read_source("s3://bucket/a.jpg", base_dir="s3://bucket/data")

@@ -139,7 +139,8 @@ def _read_fsspec(url: str, source: str, limits: FetchLimits) -> bytes:
     except ImportError as e:  # the scheme's backend (s3fs, gcsfs, ...) is missing
         raise ImageError(f"cannot read {shown}: {e}") from None
     except Exception as e:  # network trouble in the backend: worth another attempt
-        raise ImageError(f"cannot read {shown}: {type(e).__name__}: {str(e)[:100]}", retryable=True) from None
+        detail = _reason(Exception(str(e).replace(url, shown)))  # the backend may quote the URL, credentials too
+        raise ImageError(f"cannot read {shown}: {type(e).__name__}: {detail}", retryable=True) from None
     if len(data) > limits.max_bytes:
         raise ImageError(_too_large(None, limits, f"file {source}"))
     if not data:
