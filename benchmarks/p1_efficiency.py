@@ -102,29 +102,40 @@ def payloads(dataset: Path) -> list[bytes]:
     return out
 
 
+async def posted_rate(bodies: list[bytes], senders: list, send) -> float:
+    """img/s posting every body with `send(sender, body) -> response bytes`, each sender (a connection) serving
+    one request at a time; each answer is read as JSON."""
+    idle: asyncio.Queue = asyncio.Queue()
+    for sender in senders:
+        idle.put_nowait(sender)
+
+    async def post(body: bytes) -> str:
+        sender = await idle.get()
+        try:
+            content = await send(sender, body)
+        finally:
+            idle.put_nowait(sender)
+        return json.loads(content)["choices"][0]["message"]["content"]
+
+    start = time.perf_counter()
+    answers = await asyncio.gather(*(post(b) for b in bodies))
+    return len(answers) / (time.perf_counter() - start)
+
+
 async def transport_rate(bodies: list[bytes], base_url: str, concurrency: int) -> float:
     """The leanest httpx: N single-connection transports, no client layer (what vlmtag's engine does)."""
     headers = {"Authorization": "Bearer x", "Content-Type": "application/json"}
     url = httpx.URL(base_url + "/chat/completions")
     one = httpx.Limits(max_connections=1, max_keepalive_connections=1)
     transports = [httpx.AsyncHTTPTransport(limits=one) for _ in range(concurrency)]
-    idle: asyncio.Queue[httpx.AsyncHTTPTransport] = asyncio.Queue()
-    for t in transports:
-        idle.put_nowait(t)
 
-    async def post(body: bytes) -> str:
-        t = await idle.get()
-        try:
-            reply = await t.handle_async_request(httpx.Request("POST", url, headers=headers, content=body))
-            await reply.aread()
-            await reply.aclose()
-        finally:
-            idle.put_nowait(t)
-        return json.loads(reply.content)["choices"][0]["message"]["content"]
+    async def send(transport: httpx.AsyncHTTPTransport, body: bytes) -> bytes:
+        reply = await transport.handle_async_request(httpx.Request("POST", url, headers=headers, content=body))
+        await reply.aread()
+        await reply.aclose()
+        return reply.content
 
-    start = time.perf_counter()
-    answers = await asyncio.gather(*(post(b) for b in bodies))
-    rate = len(answers) / (time.perf_counter() - start)
+    rate = await posted_rate(bodies, transports, send)
     for t in transports:
         await t.aclose()
     return rate
@@ -139,21 +150,11 @@ async def ideal_rate(bodies: list[bytes], base_url: str, concurrency: int, singl
     else:
         pool = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         clients = [httpx.AsyncClient(headers=headers, limits=pool)] * concurrency
-    idle: asyncio.Queue[httpx.AsyncClient] = asyncio.Queue()
-    for client in clients:
-        idle.put_nowait(client)
 
-    async def post(body: bytes) -> str:
-        client = await idle.get()
-        try:
-            reply = await client.post(url, content=body)
-        finally:
-            idle.put_nowait(client)
-        return reply.json()["choices"][0]["message"]["content"]
+    async def send(client: httpx.AsyncClient, body: bytes) -> bytes:
+        return (await client.post(url, content=body)).content
 
-    start = time.perf_counter()
-    answers = await asyncio.gather(*(post(b) for b in bodies))
-    rate = len(answers) / (time.perf_counter() - start)
+    rate = await posted_rate(bodies, clients, send)
     for client in set(clients):
         await client.aclose()
     return rate

@@ -41,6 +41,25 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def write_api_job(folder: Path, rows: int, distinct_images: int, base_url: str) -> Path:
+    """A JSONL dataset of `rows` rows (a distinct text each) naming `distinct_images` small PNGs, and a recipe
+    tagging it through the API server at `base_url`; returns the recipe's path (the export: out/tagged.jsonl)."""
+    (folder / "images").mkdir()
+    for i in range(distinct_images):
+        Image.new("RGB", (24, 24), (i % 256, 255 - i % 256, (i * 7) % 256)).save(folder / "images" / f"{i}.png")
+    with open(folder / "data.jsonl", "w") as f:
+        for i in range(rows):
+            f.write(json.dumps({"id": i, "images": [f"images/{i % distinct_images}.png"], "text": f"row {i}"}) + "\n")
+    recipe = folder / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "dataset_path": str(folder / "data.jsonl"), "export_path": str(folder / "out" / "tagged.jsonl"),
+        "process": [{"image_tagging_vlm_mapper": {
+            "api_or_hf_model": "test-model", "is_api_model": True,
+            "model_params": {"base_url": base_url, "api_key": "x"}}}],
+    }))
+    return recipe
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=200_000)
@@ -48,19 +67,7 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp, ServerProcess(decode=False) as server:
         folder = Path(tmp)
-        (folder / "images").mkdir()
-        for i in range(256):
-            Image.new("RGB", (24, 24), (i, 255 - i, (i * 7) % 256)).save(folder / "images" / f"{i}.png")
-        with open(folder / "data.jsonl", "w") as f:
-            for i in range(args.rows):
-                f.write(json.dumps({"id": i, "images": [f"images/{i % 256}.png"], "text": f"row {i}"}) + "\n")
-        recipe = folder / "recipe.yaml"
-        recipe.write_text(yaml.safe_dump({
-            "dataset_path": str(folder / "data.jsonl"), "export_path": str(folder / "out" / "tagged.jsonl"),
-            "process": [{"image_tagging_vlm_mapper": {
-                "api_or_hf_model": "test-model", "is_api_model": True,
-                "model_params": {"base_url": server.base_url, "api_key": "x"}}}],
-        }))
+        recipe = write_api_job(folder, args.rows, 256, server.base_url)
         start = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-m", "vlmtag", "-q", "run", "--config", str(recipe)], cwd=ROOT)
         peak = peak_at_checkpoint = 0

@@ -24,13 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-from PIL import Image
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from openai_server import ServerProcess  # noqa: E402
+from p5_memory import write_api_job  # noqa: E402  (benchmarks/ is on the path when a script in it runs)
 
 
 def run(recipe: Path) -> float:
@@ -45,19 +43,7 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp, ServerProcess(decode=False) as server:
         folder = Path(tmp)
-        (folder / "images").mkdir()
-        for i in range(64):
-            Image.new("RGB", (24, 24), (i * 4, 255 - i, 9)).save(folder / "images" / f"{i}.png")
-        with open(folder / "data.jsonl", "w") as f:
-            for i in range(args.rows):
-                f.write(json.dumps({"id": i, "images": [f"images/{i % 64}.png"], "text": f"row {i}"}) + "\n")
-        recipe = folder / "recipe.yaml"
-        recipe.write_text(yaml.safe_dump({
-            "dataset_path": str(folder / "data.jsonl"), "export_path": str(folder / "out" / "tagged.jsonl"),
-            "process": [{"image_tagging_vlm_mapper": {
-                "api_or_hf_model": "test-model", "is_api_model": True,
-                "model_params": {"base_url": server.base_url, "api_key": "x"}}}],
-        }))
+        recipe = write_api_job(folder, args.rows, 64, server.base_url)
         first = run(recipe)
         finished = run(recipe)
         # Simulate a crash right before the merge: put the chunks back, drop the marker and the export.

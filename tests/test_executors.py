@@ -108,6 +108,18 @@ def items_of(n_items: int, rows_per_item: int, folder: Path):
         yield WorkItem((0, b), rows, str(folder))
 
 
+def interrupted_after_the_first():
+    """A `done` that records (batch, tags) and raises KeyboardInterrupt (Ctrl-C) after the first batch."""
+    finished = []
+
+    def done(item, rows):
+        finished.append((item.key[1], [r["__dj__meta__"]["image_tags"] for r in rows]))
+        if len(finished) == 1:
+            raise KeyboardInterrupt
+
+    return finished, done
+
+
 # -- np processes ------------------------------------------------------------------------------------------------
 
 
@@ -144,12 +156,7 @@ def test_ctrl_c_in_np_processes_finishes_the_batches_in_flight(tmp_path, server)
     from vlmtag.executors.processes import run_processes
 
     op = get_operator("image_tagging_vlm_mapper")(**api_op(server))
-    finished = []
-
-    def done(item, rows):
-        finished.append((item.key[1], [r["__dj__meta__"]["image_tags"] for r in rows]))
-        if len(finished) == 1:
-            raise KeyboardInterrupt
+    finished, done = interrupted_after_the_first()
 
     with pytest.raises(KeyboardInterrupt):
         run_processes([op], items_of(8, 2, tmp_path / "imgs"), done, workers=2)  # 4 batches in flight
@@ -234,12 +241,7 @@ def test_ray_actor_error_and_ctrl_c(tmp_path, server, ray_cluster):
     from vlmtag.executors.ray import run_ray
 
     op = get_operator("image_tagging_vlm_mapper")(**api_op(server))
-    finished = []
-
-    def done(item, rows):
-        finished.append((item.key[1], [r["__dj__meta__"]["image_tags"] for r in rows]))
-        if len(finished) == 1:
-            raise KeyboardInterrupt
+    finished, done = interrupted_after_the_first()
 
     with pytest.raises(KeyboardInterrupt):
         run_ray([op], items_of(12, 2, tmp_path / "a"), done, np=2)  # 2 actors, up to 6 items in Ray

@@ -109,15 +109,21 @@ def test_cache_hits_cost_no_request_and_a_prompt_change_misses(tmp_path, server)
     assert server.count == 36
 
 
+def refusing(failing: set[str], message: str):
+    """A `behaviour`: HTTP 400 for the images whose first word after `say:` is in `failing` (read at each
+    request, so a test can clear it), `say` for the others."""
+
+    def behaviour(body, attempt):
+        word = user_text(body).split("say:", 1)[1].split()[0]
+        return Reply.error(400, message) if word in failing else say(body, attempt)
+
+    return behaviour
+
+
 def test_only_successes_are_cached_and_retry_failed_retries_only_failures(tmp_path, server):
     data = write_dataset(tmp_path, 10)
     failing = {"t3", "t7"}
-
-    def flaky(body, attempt):
-        word = user_text(body).split("say:", 1)[1].split()[0]
-        return Reply.error(400, "temporarily refused") if word in failing else say(body, attempt)
-
-    server.behaviour = flaky
+    server.behaviour = refusing(failing, "temporarily refused")
     recipe = write_recipe(tmp_path, server, data)
     assert main(["-q", "run", "--config", str(recipe)]) == 0
     out = tmp_path / "out" / "tagged.jsonl"
@@ -133,12 +139,7 @@ def test_only_successes_are_cached_and_retry_failed_retries_only_failures(tmp_pa
 def test_rerunning_a_job_that_had_failures_retries_only_them(tmp_path, server):
     data = write_dataset(tmp_path, 10)
     failing = {"t2", "t5", "t8"}
-
-    def flaky(body, attempt):
-        word = user_text(body).split("say:", 1)[1].split()[0]
-        return Reply.error(400, "refused for now") if word in failing else say(body, attempt)
-
-    server.behaviour = flaky
+    server.behaviour = refusing(failing, "refused for now")
     recipe = write_recipe(tmp_path, server, data)
     assert main(["-q", "run", "--config", str(recipe)]) == 0
     assert server.count == 10

@@ -360,21 +360,30 @@ class _Pipeline:
         merge_stats(self.ops, result)
         return item, result
 
+    def _wait_oldest(self, work_queue: Any, items: Any) -> tuple[WorkItem, WorkerResult] | None:
+        """The oldest pending item and its result, once it has arrived; None when the stream ended without it.
+
+        Sending goes on meanwhile: results come back in any order, and waiting for the oldest before sending
+        more would leave actors idle behind one slow item.
+        """
+        taken = self._take_oldest()
+        while taken is None:
+            if self.stream_ended:
+                return None
+            self._receive()
+            taken = self._take_oldest()
+            if taken is None:
+                self._send(work_queue, items)
+        return taken
+
     def _feed_and_finish(self, items: Any, work_queue: Any, done: Callable) -> None:
-        # Sending goes on while the oldest item is still out: results come back in any order, and waiting for
-        # the oldest before sending more would leave actors idle behind one slow item.
         while True:
             self._send(work_queue, items)
             if not self.pending:
                 return
-            taken = self._take_oldest()
-            while taken is None:
-                if self.stream_ended:
-                    raise RuntimeError("the Ray pipeline stopped before every item was processed")
-                self._receive()
-                taken = self._take_oldest()
-                if taken is None:
-                    self._send(work_queue, items)
+            taken = self._wait_oldest(work_queue, items)
+            if taken is None:
+                raise RuntimeError("the Ray pipeline stopped before every item was processed")
             item, result = taken
             if result.error is not None:
                 raise result.error
@@ -384,16 +393,13 @@ class _Pipeline:
         """After Ctrl-C: send nothing more, finish what was sent (a failed item is left for the rerun)."""
         if not self.end_sent:
             work_queue.put(None)
-            self.end_sent = True
+            self.end_sent = True  # so `_send` sends nothing more
         while self.pending:
             try:
-                taken = self._take_oldest()
-                if taken is None:
-                    if self.stream_ended:
-                        return
-                    self._receive()
-                    continue
+                taken = self._wait_oldest(work_queue, iter(()))
             except Exception:
+                return
+            if taken is None:
                 return
             item, result = taken
             if result.error is None:

@@ -27,6 +27,7 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
+from typing import IO, Callable
 
 import httpx
 
@@ -123,29 +124,14 @@ def _read_fsspec(url: str, source: str, limits: FetchLimits) -> bytes:
         raise ImageError(f"reading {url.split('://')[0]}:// needs fsspec (pip install 'vlmtag[remote]')") from None
     shown = redact_url(url)
     try:
-        with fsspec.open(url, "rb") as f:
-            size = getattr(f, "size", None)
-            if isinstance(size, int) and size > limits.max_bytes:
-                raise ImageError(_too_large(size, limits, f"file {source}"))
-            data = f.read(limits.max_bytes + 1)
+        return _read_bounded(lambda: fsspec.open(url, "rb"), source, shown, limits)
     except ImageError:
         raise
-    except FileNotFoundError:
-        raise ImageError(f"file not found: {shown}") from None
-    except IsADirectoryError:
-        raise ImageError(f"is a directory, not an image file: {shown}") from None
-    except PermissionError:
-        raise ImageError(f"permission denied: {shown}") from None
     except ImportError as e:  # the scheme's backend (s3fs, gcsfs, ...) is missing
         raise ImageError(f"cannot read {shown}: {e}") from None
     except Exception as e:  # network trouble in the backend: worth another attempt
         detail = _reason(Exception(str(e).replace(url, shown)))  # the backend may quote the URL, credentials too
         raise ImageError(f"cannot read {shown}: {type(e).__name__}: {detail}", retryable=True) from None
-    if len(data) > limits.max_bytes:
-        raise ImageError(_too_large(None, limits, f"file {source}"))
-    if not data:
-        raise ImageError(f"empty file: {shown}")
-    return data
 
 
 def redact_url(url: str) -> str:
@@ -190,24 +176,42 @@ def _read_file(source: str, base_dir: str | None, limits: FetchLimits) -> bytes:
         path = os.path.join(base, path)
         where = f" (in {base})"
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > limits.max_bytes:
-                raise ImageError(_too_large(size, limits, f"file {source}"))
-            data = f.read(limits.max_bytes + 1)  # bounded even for files whose size stat does not tell
-    except FileNotFoundError:
-        raise ImageError(f"file not found: {source}{where}") from None
-    except IsADirectoryError:
-        raise ImageError(f"is a directory, not an image file: {source}{where}") from None
-    except PermissionError:
-        raise ImageError(f"permission denied: {source}{where}") from None
+        return _read_bounded(lambda: open(path, "rb"), source, f"{source}{where}", limits)
     except OSError as e:
         raise ImageError(f"cannot read {source}{where}: {e.strerror or e}") from None
+
+
+def _read_bounded(open_file: Callable[[], IO[bytes]], source: str, named: str, limits: FetchLimits) -> bytes:
+    """The bytes of the file `open_file()` opens, refused past `limits.max_bytes` (from its size when it tells,
+    else by counting); `named` says which file in messages. A missing, directory or forbidden file is an
+    ImageError here; other failures are left to the caller to word."""
+    try:
+        with open_file() as f:
+            size = _declared_size(f)
+            if size is not None and size > limits.max_bytes:
+                raise ImageError(_too_large(size, limits, f"file {source}"))
+            data = f.read(limits.max_bytes + 1)  # bounded even for files whose size does not tell
+    except FileNotFoundError:
+        raise ImageError(f"file not found: {named}") from None
+    except IsADirectoryError:
+        raise ImageError(f"is a directory, not an image file: {named}") from None
+    except PermissionError:
+        raise ImageError(f"permission denied: {named}") from None
     if len(data) > limits.max_bytes:
         raise ImageError(_too_large(None, limits, f"file {source}"))
     if not data:
-        raise ImageError(f"empty file: {source}{where}")
+        raise ImageError(f"empty file: {named}")
     return data
+
+
+def _declared_size(f: IO[bytes]) -> int | None:
+    size = getattr(f, "size", None)  # fsspec files
+    if isinstance(size, int):
+        return size
+    try:
+        return os.fstat(f.fileno()).st_size
+    except (AttributeError, OSError, ValueError):  # no file descriptor behind it
+        return None
 
 
 # ---------------------------------------------------------------------------------------------- data: URIs
