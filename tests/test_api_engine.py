@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from openai_server import OpenAIServer, Reply, default_tags, image_sha, tags_content
+from vlmtag.defaults import DEFAULT_MAX_TOKENS
 from vlmtag.engines.api import ApiEngine, MissingAnswer, build_body, estimate_tokens, extract
 from vlmtag.engines.base import EngineError, EngineSettings, Request, Usage
 from vlmtag.images import EncodedImage
@@ -82,7 +83,7 @@ def test_body_is_a_plain_openai_chat_completion(server, make_engine):
                 {"type": "image_url", "image_url": {"url": image.data_url()}},
             ]},
         ],
-        "max_tokens": 512,
+        "max_tokens": DEFAULT_MAX_TOKENS,
     }
     assert seen.image_sha == image_sha(image.data)
 

@@ -35,3 +35,10 @@ def config_error(err: ValidationError, where: str, known: Iterable[str] = ()) ->
             msg = e["msg"][0].lower() + e["msg"][1:]
             lines.append(f"{where}: {key}={_short(e.get('input'))}: expected {msg.removeprefix('input should be ')}")
     return ConfigError("; ".join(lines))
+
+
+# Exit statuses of the `vlmtag` command.
+EXIT_OK = 0  # the run completed (per-image failures are recorded and counted)
+EXIT_ABORTED = 1  # stopped early (fail-fast, a broken shard); finished batches are kept for the resume
+EXIT_CONFIG = 2  # a bad recipe or flag
+EXIT_INTERRUPTED = 130  # Ctrl-C

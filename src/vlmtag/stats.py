@@ -1,10 +1,20 @@
-"""Run counters, shared by the operator (which fills them) and the summary (which shows them)."""
+"""Counters and the stats document, each defined once.
+
+`TaggingStats` are the live counters an operator fills while it works (threads add to them; worker processes
+send theirs back to the driver). `RunStats` is the schema of `<export>.stats.json`: the run writes it, and the
+summary, the progress line and the report read it, so a counter has one name everywhere.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
+
+from vlmtag.atomic import write_text
 
 
 def reason_kind(error: str) -> str:
@@ -15,6 +25,8 @@ def reason_kind(error: str) -> str:
 
 @dataclass
 class TaggingStats:
+    """What an operator counted while it worked."""
+
     rows: int = 0
     rows_skipped: int = 0  # already had the tag field
     images: int = 0
@@ -52,3 +64,92 @@ class TaggingStats:
             d = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
             d["failure_reasons"] = dict(self.failure_reasons.most_common())
             return d
+
+
+@dataclass
+class RunStats:
+    """`<export>.stats.json`. Counts of the export come from the rows as written (so a resumed job reports the
+    whole export); the `*_processed`, request and token counts are what this run did. Never a key or client
+    setting."""
+
+    # the export, counted from its rows
+    rows: int = 0
+    images: int = 0
+    tagged: int = 0
+    failed: int = 0
+    failure_reasons: dict[str, int] = field(default_factory=dict)
+    # this run
+    rows_processed: int = 0
+    rows_resumed: int = 0  # done by an earlier, interrupted run of the same job
+    rows_already_tagged: int = 0  # had the tag field in the input; kept as they were
+    images_processed: int = 0
+    cached: int = 0
+    requests: int = 0
+    retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float | None = None  # from the server's token counts; None without prices
+    wall_seconds: float = 0.0
+    # where things are
+    export_path: str = ""
+    dataset_path: str = ""
+    images_root: str | None = None  # the folder relative image paths resolved against, when there was one
+    parts: list[dict] = field(default_factory=list)  # per output: {output, shard, images_root}
+    rows_written: int = 0
+    completed: bool = False
+    provenance: dict = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images_processed / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    def take_counters(self, counters: dict) -> None:
+        """This run's part from an operator's `TaggingStats.as_dict()` (the one place their names are mapped)."""
+        self.rows_processed = counters.get("rows", 0)
+        self.rows_already_tagged = counters.get("rows_skipped", 0)
+        self.images_processed = counters.get("images", 0)
+        for name in ("cached", "requests", "retries", "prompt_tokens", "completion_tokens"):
+            setattr(self, name, counters.get(name, 0))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if d["cost"] is None:
+            del d["cost"]
+        else:
+            d["cost"] = round(d["cost"], 6)
+        d["wall_seconds"] = round(self.wall_seconds, 3)
+        d["images_per_second"] = round(self.images_per_second, 3)
+        return d
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> "RunStats":
+        """Read a stats document; unknown keys are ignored and values of the wrong type left at their default
+        (the file may be hand-edited or come from another version)."""
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in doc:
+                continue
+            if _accepts(str(f.type), doc[f.name]):
+                kwargs[f.name] = doc[f.name]
+        return cls(**kwargs)
+
+    def write(self, path: str) -> None:
+        write_text(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False, default=str) + "\n")
+
+    @classmethod
+    def read(cls, path: str) -> "RunStats":
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+
+_KINDS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,), "list": (list,)}
+
+
+def _accepts(annotation: str, value: Any) -> bool:
+    """Whether `value` fits a field annotated `annotation` (a string such as "float | None" or "dict[str, int]")."""
+    if value is None:
+        return "None" in annotation
+    base = annotation.split("[", 1)[0].split("|", 1)[0].strip()
+    if isinstance(value, bool) != (base == "bool"):
+        return False
+    return isinstance(value, _KINDS.get(base, (object,)))

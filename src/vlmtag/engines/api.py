@@ -33,23 +33,20 @@ from typing import Any, Callable, Mapping, Sequence
 import httpx
 
 from vlmtag.cost import text_tokens, visual_tokens
-from vlmtag.engines.base import Engine, EngineError, EngineSettings, Request, Response, Usage, chat_messages
+from vlmtag.defaults import DEFAULT_MAX_TOKENS
+from vlmtag.engines.base import (
+    CLIENT_PARAMS, Engine, EngineError, EngineSettings, Request, Response, Usage, chat_messages,
+)
+from vlmtag.engines.sampling import answer_budget
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "/chat/completions"
 DEFAULT_RESPONSE_PATH = "choices.0.message.content"
 DEFAULT_TIMEOUT_S = 120.0
-DEFAULT_MAX_TOKENS = 512
 #: Statuses worth another attempt: request timeout, conflict, rate limit, and every server error.
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
 
-# model_params keys the API engine understands. `max_retries` is what Data-Juicer passes to its
-# openai.OpenAI client: accepted and ignored, because the operator owns retries (see try_num).
-_KNOWN_PARAMS = frozenset(
-    {"base_url", "api_key", "timeout", "max_retries", "headers", "default_headers", "default_query",
-     "organization", "project"}
-)
 _warned_params: set[str] = set()
 _warned_lock = threading.Lock()
 
@@ -60,19 +57,10 @@ _ERROR_TEXT_LIMIT = 200
 # Pure functions: the request body, the answer, the error text.
 
 
-def max_tokens_of(sampling_params: Mapping[str, Any]) -> int:
-    """The completion budget a body asks for (`max_tokens` or `max_completion_tokens`, else 512)."""
-    for key in ("max_tokens", "max_completion_tokens"):
-        value = sampling_params.get(key)
-        if isinstance(value, (int, float)) and value > 0:
-            return int(value)
-    return DEFAULT_MAX_TOKENS
-
-
 def build_body(request: Request, settings: EngineSettings) -> dict[str, Any]:
     """The JSON body of one chat completion for one image.
 
-    `{"model", "messages": [system, user], **sampling_params}`, with `max_tokens=512` when the
+    `{"model", "messages": [system, user], **sampling_params}`, with `max_tokens` = the answer budget (`DEFAULT_MAX_TOKENS`) when the
     sampling params cap neither `max_tokens` nor `max_completion_tokens`, and a standard
     `response_format` json_schema when `settings.json_schema` is a dict (unless the sampling params
     already carry a `response_format`, which wins). The system message is left out when the system
@@ -267,7 +255,7 @@ def _make_limiter(per_minute: float | None, name: str) -> Any:
 def estimate_tokens(request: Request, sampling_params: Mapping[str, Any]) -> int:
     """Prompt + completion tokens of a request: Qwen-style image tokens, text/4, and the max_tokens cap."""
     text = text_tokens(request.system_prompt) + text_tokens(request.user_text)
-    return visual_tokens(request.image.width, request.image.height) + text + max_tokens_of(sampling_params)
+    return visual_tokens(request.image.width, request.image.height) + text + answer_budget(sampling_params)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -287,7 +275,7 @@ class ApiEngine(Engine):
 
     def __init__(self, settings: EngineSettings) -> None:
         params = dict(settings.model_params or {})
-        unknown = [k for k in params if k not in _KNOWN_PARAMS]
+        unknown = [k for k in params if k not in CLIENT_PARAMS]
         if unknown:
             _warn_unknown(unknown)
 

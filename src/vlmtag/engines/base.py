@@ -10,6 +10,7 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from vlmtag.defaults import DEFAULT_MAX_PIXELS
 from vlmtag.images import EncodedImage
 
 
@@ -66,6 +67,13 @@ class Response:
         return self.error is None
 
 
+#: `model_params` keys that configure the API client, not the answer: the API engine reads them, and they are
+#: left out of cache keys and job identity (and never stored). `max_retries` is what Data-Juicer passes to its
+#: openai.OpenAI client: accepted and ignored, because the operator owns retries (see try_num).
+CLIENT_PARAMS = frozenset({"base_url", "api_key", "timeout", "max_retries", "headers", "default_headers",
+                           "default_query", "organization", "project"})
+
+
 @dataclass
 class EngineSettings:
     """Everything an engine may need, taken from the operator's arguments."""
@@ -78,7 +86,7 @@ class EngineSettings:
     response_path: str | None = None
     concurrency: int = 32
     json_schema: dict[str, Any] | None = None
-    max_pixels: int = 802_816
+    max_pixels: int = DEFAULT_MAX_PIXELS
     max_requests_per_minute: float | None = None
     max_tokens_per_minute: float | None = None
 

@@ -31,7 +31,7 @@ from typing import Any, Mapping, Sequence
 
 from vlmtag.engines.base import Engine, EngineError, EngineSettings, Request, Response, Usage
 from vlmtag.engines.hub import ModelNotFound, resolve_model
-from vlmtag.engines.sampling import max_new_tokens_of, wants_sampling
+from vlmtag.engines.sampling import answer_budget, wants_sampling
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def generation_kwargs(sampling_params: Mapping[str, Any]) -> dict[str, Any]:
     `stop`, `seed`, ...) are dropped with one warning.
     """
     sample = wants_sampling(sampling_params)
-    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens_of(sampling_params), "do_sample": sample}
+    kwargs: dict[str, Any] = {"max_new_tokens": answer_budget(sampling_params), "do_sample": sample}
     for key, value in sampling_params.items():
         if value is None:
             continue

@@ -1,28 +1,27 @@
 """How the local engines (HF transformers, vLLM) read `sampling_params`. Pure functions, no heavy imports.
 
-Both engines decode greedily unless sampling is asked for, and both cap the answer at a small number of new
-tokens when the recipe gives no cap: a tag list is short, and a cap is what stops a model that loops.
+Both engines decode greedily unless sampling is asked for. Every engine, the API one included, caps the answer at
+`answer_budget` tokens: a tag list is short, and a cap is what stops a model that loops.
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping
 
-#: New tokens per answer when `sampling_params` sets neither `max_new_tokens` nor `max_tokens`.
-#: Ten tags of a few words each take ~60-100 tokens of JSON; 256 leaves room and still bounds a loop.
-DEFAULT_MAX_NEW_TOKENS = 256
+from vlmtag.defaults import DEFAULT_MAX_TOKENS
 
 #: Keys that ask for sampling when set to a value that changes anything.
 _SAMPLING_KEYS = ("top_p", "top_k", "min_p", "typical_p")
 
 
-def max_new_tokens_of(sampling_params: Mapping[str, Any], default: int = DEFAULT_MAX_NEW_TOKENS) -> int:
-    """The answer budget: `max_new_tokens` (transformers' name) or `max_tokens` (vLLM/OpenAI's), else `default`."""
-    for key in ("max_new_tokens", "max_tokens"):
+def answer_budget(sampling_params: Mapping[str, Any]) -> int:
+    """New tokens one answer may take: `max_new_tokens` (transformers' name), `max_tokens` (vLLM's and OpenAI's)
+    or `max_completion_tokens` (OpenAI's newer name), else `DEFAULT_MAX_TOKENS`."""
+    for key in ("max_new_tokens", "max_tokens", "max_completion_tokens"):
         value = sampling_params.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
             return int(value)
-    return default
+    return DEFAULT_MAX_TOKENS
 
 
 def wants_sampling(sampling_params: Mapping[str, Any]) -> bool:

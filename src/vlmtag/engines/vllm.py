@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 
 from vlmtag.engines.base import Engine, EngineError, EngineSettings, Request, Response, Usage, chat_messages
 from vlmtag.engines.hub import ModelNotFound, resolve_model
-from vlmtag.engines.sampling import max_new_tokens_of, wants_sampling
+from vlmtag.engines.sampling import answer_budget, wants_sampling
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def llm_kwargs(settings: EngineSettings, model: str | None = None) -> dict[str, 
     mm.setdefault("max_pixels", settings.max_pixels)
     kwargs["mm_processor_kwargs"] = mm
     kwargs.setdefault(
-        "max_model_len", default_max_model_len(settings.max_pixels, max_new_tokens_of(settings.sampling_params))
+        "max_model_len", default_max_model_len(settings.max_pixels, answer_budget(settings.sampling_params))
     )
     return kwargs
 
@@ -96,7 +96,7 @@ def sampling_kwargs(settings: EngineSettings) -> tuple[dict[str, Any], dict[str,
         if value is None or key in _DROPPED or key in ("max_tokens", "max_new_tokens"):
             continue
         kwargs[_RENAMED.get(key, key)] = value
-    kwargs["max_tokens"] = max_new_tokens_of(params)
+    kwargs["max_tokens"] = answer_budget(params)
     if not wants_sampling(params):
         kwargs["temperature"] = 0.0
     structured = None
