@@ -88,7 +88,7 @@ def main() -> None:
                     start = time.perf_counter()
                     result = run_recipe(recipe)
                     wall = time.perf_counter() - start
-                    assert result.stats["tagged"] == args.images, result.stats
+                    assert result.stats.tagged == args.images, result.stats
                     best[calls] = min(best.get(calls, wall), wall)
                     print(f"  round {r + 1}: {calls} item(s) per actor  {wall:6.2f} s", flush=True)
     finally:

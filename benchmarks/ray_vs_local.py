@@ -123,7 +123,7 @@ def main() -> None:
                             continue  # the run ignores np for API engines
                         export = tmp / "out" / f"{workload}{n}-{name}-{r}.jsonl"
                         wall, stats = timed_run(dataset, export, op, **keys)
-                        assert stats["tagged"] == n, stats
+                        assert stats.tagged == n, stats
                         key = (workload, n, name)
                         best[key] = min(best.get(key, wall), wall)
                         exports[key] = export.read_text()

@@ -364,14 +364,13 @@ def test_close_is_idempotent_and_generate_reopens(server, make_engine):
 
 
 def test_throttled_engine_still_answers(server, make_engine):
-    pytest.importorskip("aiolimiter")
     engine = make_engine(max_requests_per_minute=6000, max_tokens_per_minute=1_000_000)
     assert all(r.ok for r in engine.generate([request(im) for im in distinct_images(3)]))
 
 
 def test_token_estimate_counts_image_text_and_completion_budget():
     req = Request(png((0, 0, 0), (448, 448)), "s" * 40, "u" * 60)
-    assert estimate_tokens(req, {}) == 256 + 25 + 512
+    assert estimate_tokens(req, {}) == 256 + 25 + DEFAULT_MAX_TOKENS
     assert estimate_tokens(req, {"max_tokens": 100}) == 256 + 25 + 100
 
 

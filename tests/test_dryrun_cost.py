@@ -65,8 +65,9 @@ def test_max_cost_stops_the_run_before_it_spends_more(tmp_path, photo_dir, capsy
                                                                              "completion_tokens": 10,
                                                                              "total_tokens": 110})
         # each answer costs 0.12 (100 + 10 tokens reported); a first round of 4 is estimated from the image
-        # size and prompt before any answer is known; later rounds from the average so far
-        recipe = recipe_for(tmp_path, server, rows, **PRICES, max_cost=3.0)
+        # size, prompt and answer budget (max_tokens) before any answer is known; later rounds from the average
+        # so far. With the default budget (256 tokens) a first round of 4 would already be priced over 3.0.
+        recipe = recipe_for(tmp_path, server, rows, **PRICES, max_cost=3.0, sampling_params={"max_tokens": 64})
         assert main(["run", "--config", str(recipe)]) == 1
         spent = server.count * 0.12
         assert 0 < spent <= 3.0, server.count

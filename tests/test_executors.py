@@ -17,6 +17,7 @@ from openai_server import OpenAIServer, Reply, say, user_text
 from vlmtag.cli import main
 from vlmtag.executors import WorkItem
 from vlmtag.ops import RunAborted, get_operator
+from vlmtag.ops.base import Pipeline
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 
@@ -140,26 +141,26 @@ def test_np_2_processes_give_the_same_export_and_stats_as_one(tmp_path, photo_di
 
 
 def test_a_worker_process_error_reaches_the_run_as_the_same_exception(tmp_path, server):
-    from vlmtag.executors.processes import run_processes
+    from vlmtag.executors.processes import ProcessExecutor
 
     server.behaviour = lambda body, attempt: Reply.unauthorized("key revoked")
     op = get_operator("image_tagging_vlm_mapper")(**api_op(server, try_num=1))
     finished = []
     with pytest.raises(RunAborted, match="in a row failed with the same error"):
-        run_processes([op], items_of(6, 4, tmp_path / "imgs"), lambda item, rows: finished.append(item.key),
-                      workers=2)
+        ProcessExecutor(workers=2).run(Pipeline([op]), items_of(6, 4, tmp_path / "imgs"),
+                                       lambda item, rows: finished.append(item.key))
     assert finished == []
     assert op.stats.requests >= 3  # what the workers sent is counted in the driver's summary
 
 
 def test_ctrl_c_in_np_processes_finishes_the_batches_in_flight(tmp_path, server):
-    from vlmtag.executors.processes import run_processes
+    from vlmtag.executors.processes import ProcessExecutor
 
     op = get_operator("image_tagging_vlm_mapper")(**api_op(server))
     finished, done = interrupted_after_the_first()
 
     with pytest.raises(KeyboardInterrupt):
-        run_processes([op], items_of(8, 2, tmp_path / "imgs"), done, workers=2)  # 4 batches in flight
+        ProcessExecutor(workers=2).run(Pipeline([op]), items_of(8, 2, tmp_path / "imgs"), done)  # 4 batches in flight
     assert [b for b, _ in finished] == [0, 1, 2, 3]
     assert finished[3][1] == [[["t6"]], [["t7"]]]
     assert server.count == 8
@@ -209,14 +210,14 @@ def test_ray_embedded_model_gives_the_local_export(tmp_path, photo_dir, ray_clus
 def test_ray_results_out_of_order_with_a_slow_first_item_all_arrive_in_order(tmp_path, server, ray_cluster):
     """The first item finishes last: the driver must keep the pipeline moving instead of waiting on it (this
     order once stalled the pipeline until Ray Data's no-progress timeout)."""
-    from vlmtag.executors.ray import run_ray
+    from vlmtag.executors.ray import RayExecutor
 
     server.behaviour = lambda body, attempt: Reply.slow(2.0, say(body, attempt)) if "say: t0" in user_text(
         body) else say(body, attempt)
     op = get_operator("image_tagging_vlm_mapper")(**api_op(server))
     finished = []
-    run_ray([op], items_of(6, 1, tmp_path / "a"), lambda item, rows: finished.append(
-        (item.key[1], rows[0]["__dj__meta__"]["image_tags"])), np=2)
+    RayExecutor(np=2).run(Pipeline([op]), items_of(6, 1, tmp_path / "a"), lambda item, rows: finished.append(
+        (item.key[1], rows[0]["__dj__meta__"]["image_tags"])))
     assert finished == [(b, [[f"t{b}"]]) for b in range(6)]
     assert server.count == 6
 
@@ -224,13 +225,13 @@ def test_ray_results_out_of_order_with_a_slow_first_item_all_arrive_in_order(tmp
 def test_a_ray_api_actor_runs_the_next_item_while_the_last_requests_of_one_are_out(tmp_path, server, ray_cluster):
     """One actor with two connections (concurrency 2), items of one image: the server only sees two requests at
     once if the actor runs two items side by side, as the local executor does."""
-    from vlmtag.executors.ray import run_ray
+    from vlmtag.executors.ray import RayExecutor
 
     server.behaviour = lambda body, attempt: Reply.slow(0.5, say(body, attempt))
     op = get_operator("image_tagging_vlm_mapper")(**api_op(server, concurrency=2))
     finished = []
-    run_ray([op], items_of(6, 1, tmp_path / "a"), lambda item, rows: finished.append(
-        rows[0]["__dj__meta__"]["image_tags"]), np=1)
+    RayExecutor(np=1).run(Pipeline([op]), items_of(6, 1, tmp_path / "a"), lambda item, rows: finished.append(
+        rows[0]["__dj__meta__"]["image_tags"]))
     assert finished == [[[f"t{b}"]] for b in range(6)]
     assert server.max_in_flight == 2
     assert op.stats.requests == server.count == 6 and op.stats.tagged == 6
@@ -238,13 +239,13 @@ def test_a_ray_api_actor_runs_the_next_item_while_the_last_requests_of_one_are_o
 
 def test_ray_actor_error_and_ctrl_c(tmp_path, server, ray_cluster):
     """An operator error in an actor is raised in the driver as itself; Ctrl-C finishes what was sent."""
-    from vlmtag.executors.ray import run_ray
+    from vlmtag.executors.ray import RayExecutor
 
     op = get_operator("image_tagging_vlm_mapper")(**api_op(server))
     finished, done = interrupted_after_the_first()
 
     with pytest.raises(KeyboardInterrupt):
-        run_ray([op], items_of(12, 2, tmp_path / "a"), done, np=2)  # 2 actors, up to 6 items in Ray
+        RayExecutor(np=2).run(Pipeline([op]), items_of(12, 2, tmp_path / "a"), done)  # 2 actors, up to 6 items in Ray
     # Everything sent was finished, in order: at least the 4 that two actors run at once, never all 12.
     n = len(finished)
     assert 4 <= n < 12 and [b for b, _ in finished] == list(range(n))
@@ -254,7 +255,7 @@ def test_ray_actor_error_and_ctrl_c(tmp_path, server, ray_cluster):
     server.behaviour = lambda body, attempt: Reply.unauthorized("key revoked")
     op = get_operator("image_tagging_vlm_mapper")(**api_op(server, try_num=1))
     with pytest.raises(RunAborted, match="in a row failed with the same error"):
-        run_ray([op], items_of(6, 4, tmp_path / "b"), lambda item, rows: None, np=2)
+        RayExecutor(np=2).run(Pipeline([op]), items_of(6, 4, tmp_path / "b"), lambda item, rows: None)
 
 
 def test_executor_type_ray_without_ray_installed_is_one_clear_line(tmp_path, server, monkeypatch, capsys):

@@ -319,7 +319,7 @@ def test_remote_dataset_files_through_fsspec(memory_root, tmp_path, photo_dir):
     assert shard.kind == "images"
     rows = rows_of(f"{memory_root}/photos")
     assert [r["images"] for r in rows] == [["a.jpg"], ["b/cat.jpg"]]
-    assert rows[0][BYTES_KEY] == [coffee]  # the operator cannot read memory:// itself
+    assert rows[0][BYTES_KEY] == [coffee]  # read during the walk: the operator tags these bytes
 
     with pytest.raises(FileNotFoundError):
         open_dataset(f"{memory_root}/missing")
@@ -352,6 +352,19 @@ def test_writers_drop_the_image_bytes(tmp_path, shard_dir, ext):
     assert all(BYTES_KEY not in r for r in back)
     assert back == [{k: v for k, v in r.items() if k != BYTES_KEY} for r in rows]
     assert all(BYTES_KEY in r for r in rows)  # the caller's rows are not changed
+
+
+@pytest.mark.parametrize("ext", [".jsonl", ".json", ".parquet"])
+def test_a_writer_block_that_raises_leaves_no_file(tmp_path, ext):
+    out = tmp_path / f"out{ext}"
+    out.write_text("the previous export\n")
+    with pytest.raises(RuntimeError, match="boom"), open_writer(str(out)) as w:
+        w.write([{"a": 1}])
+        raise RuntimeError("boom")
+    assert out.read_text() == "the previous export\n"  # left as it was
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # and no temporary file beside it
+    w.commit()  # after an abort, commit does nothing
+    assert out.read_text() == "the previous export\n"
 
 
 # ------------------------------------------------------------------------------------------- end to end

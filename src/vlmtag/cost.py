@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-PIXELS_PER_TOKEN_SIDE = 28
+from vlmtag.defaults import PIXELS_PER_TOKEN_SIDE
+
 CHARS_PER_TOKEN = 4
 
 

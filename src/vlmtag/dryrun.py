@@ -1,28 +1,31 @@
 """`vlmtag run --dry-run`: read the input, check that every image opens, estimate tokens and cost, send nothing.
 
-Images are opened far enough to read their size (the header), not decoded. URLs are not fetched (that would
-be traffic to someone's server); they are counted at the full `max_pixels` budget. The estimate assumes every image is asked once (the answer
-cache can only make a real run cheaper) and `expected_output_tokens` per answer (a 5–10 tag JSON answer is
-about 40–80 tokens); `max_tokens` gives the upper bound.
+Rows are gathered by the operator itself (the same skipped rows, images and prompts as a real run). Images are
+opened far enough to read their size (the header), not decoded. URLs are not fetched (that would be traffic to
+someone's server); they are counted at the full `max_pixels` budget. The estimate assumes every image is asked
+once (the answer cache can only make a real run cheaper) and `EXPECTED_OUTPUT_TOKENS` per answer; the answer
+budget (`engines.sampling.answer_budget`) gives the upper bound.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Iterable
 
 from PIL import Image
 
 from vlmtag.cost import text_tokens, visual_tokens
-from vlmtag.images import ImageError, read_source
+from vlmtag.engines.sampling import answer_budget
+from vlmtag.images import FetchLimits, ImageError, read_source
 from vlmtag.images.prepare import MAX_SOURCE_PIXELS, target_size
-from vlmtag.prompts import clean_text, fill_template
-from vlmtag.rowkeys import BYTES_KEY, META_KEY
+from vlmtag.ops.loader import BadEntry, Source
 from vlmtag.stats import reason_kind
 
+#: Output tokens of a typical answer: a JSON list of 5–10 tags is about 40–80 tokens. An estimate, not a bound.
 EXPECTED_OUTPUT_TOKENS = 64
 
 
@@ -47,13 +50,15 @@ class DryRunReport:
         return d
 
 
-def _image_size(source: Any, base_dir: str | None) -> tuple[int, int] | str | None:
-    """(width, height), an error message, or None for a URL that is not fetched."""
+def _image_size(source: Source, base_dir: str | None, limits: FetchLimits) -> tuple[int, int] | str | None:
+    """(width, height) as the model would see it, an error message, or None for a URL that is not fetched."""
+    if isinstance(source, BadEntry):
+        return source.error
     if isinstance(source, str) and source.startswith(("http://", "https://")):
         return None
     try:
-        raw = source if isinstance(source, bytes) else read_source(source, base_dir=base_dir)
-        with Image.open(io.BytesIO(raw)) as im:
+        raw = source if isinstance(source, bytes) else read_source(source, base_dir=base_dir, limits=limits)
+        with Image.open(io.BytesIO(raw)) as im:  # lazy: reads the header, decodes nothing
             width, height = im.size
             orientation = im.getexif().get(0x0112, 1)
     except ImageError as e:
@@ -69,46 +74,33 @@ def dry_run(op, batches: Iterable[tuple[list[dict], str | None]], *, workers: in
     """Walk (rows, base_dir) batches the way `op` would, without an engine."""
     o = op.options
     report = DryRunReport()
-    max_out = int(o.sampling_params.get("max_tokens") or o.sampling_params.get("max_new_tokens") or 512)
-    tokens = (o.image_special_token, o.eoc_special_token)
+    side = int(o.max_pixels**0.5)  # a URL's size is unknown: count the whole max_pixels budget
     with ThreadPoolExecutor(workers) as pool:
         for rows, base_dir in batches:
-            jobs: list[tuple[Any, str]] = []
-            for row in rows:
-                report.rows += 1
-                meta = row.get(META_KEY)
-                if isinstance(meta, dict) and op.tag_field_name in meta and not o.overwrite:
-                    report.rows_already_tagged += 1
-                    continue
-                images = row.get(o.image_key if o.image_key in row or BYTES_KEY not in row else "images")
-                images = images if isinstance(images, list) else ([] if images is None else [images])
-                attached = row.get(o.image_bytes_key) or row.get(BYTES_KEY) or []
-                prompt = op.system_prompt + fill_template(op.input_template, clean_text(row.get(o.text_key), tokens))
-                for j, path in enumerate(images):
-                    raw = attached[j] if isinstance(attached, list) and j < len(attached) else None
-                    if isinstance(raw, dict):
-                        raw = raw.get("bytes")
-                    jobs.append((raw if isinstance(raw, (bytes, bytearray)) else path, prompt))
-            sizes = pool.map(lambda job: _image_size(bytes(job[0]) if isinstance(job[0], bytearray) else job[0],
-                                                     base_dir), jobs)
-            for (_, prompt), size in zip(jobs, sizes):
+            gathered = op.gather_rows(rows, base_dir)
+            report.rows += len(rows)
+            report.rows_already_tagged += gathered.skipped
+            size_of = functools.partial(_image_size, base_dir=base_dir, limits=op.loader.limits)
+            sizes = list(pool.map(size_of, gathered.sources))
+            for _, _, r in gathered.slots:  # every image of every row, duplicates included
+                img, prompt = gathered.requests[r]
+                size = sizes[img]
                 report.images += 1
-                if size is None:  # size unknown: count the whole max_pixels budget
-                    report.urls_not_checked += 1
-                    side = int(o.max_pixels ** 0.5)
-                    report.input_tokens += visual_tokens(side, side) + text_tokens(prompt)
-                    continue
                 if isinstance(size, str):
                     kind = reason_kind(size)
                     report.bad_images[kind] += 1
                     report.examples.setdefault(kind, size)
                     continue
-                report.images_ok += 1
-                w, h = target_size(size[0], size[1], o.max_pixels)
-                report.input_tokens += visual_tokens(w, h) + text_tokens(prompt)
+                if size is None:
+                    report.urls_not_checked += 1
+                    w, h = side, side
+                else:
+                    report.images_ok += 1
+                    w, h = target_size(size[0], size[1], o.max_pixels)
+                report.input_tokens += visual_tokens(w, h) + text_tokens(op.system_prompt + prompt)
     asked = report.images_ok + report.urls_not_checked
     report.output_tokens = asked * EXPECTED_OUTPUT_TOKENS
-    report.output_tokens_max = asked * max_out
+    report.output_tokens_max = asked * answer_budget(o.sampling_params)
     if op.pricing.known:
         report.cost = op.pricing.cost(report.input_tokens, report.output_tokens)
         report.cost_max = op.pricing.cost(report.input_tokens, report.output_tokens_max)

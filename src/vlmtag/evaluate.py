@@ -42,9 +42,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 from vlmtag.errors import ConfigError
+from vlmtag.rowkeys import META_KEY, error_field
 from vlmtag.tags.normalize import normalize_tag
 
-META_KEY = "__dj__meta__"
 GOLD_LABELS_KEY = "labels"
 _READ_BATCH = 1000
 
@@ -207,7 +207,7 @@ def load_gold(path: str, field: str = "image_tags", mapper: Mapper | None = None
             labels, errors = _as_list(row[GOLD_LABELS_KEY]), None
             where = f"'{GOLD_LABELS_KEY}'"
         else:
-            labels, errors = _as_list(meta.get(field)), _as_list(meta.get(f"{field}_errors"))
+            labels, errors = _as_list(meta.get(field)), _as_list(meta.get(error_field(field)))
             where = f"'{GOLD_LABELS_KEY}' (or '{META_KEY}.{field}')"
         if labels is None or len(labels) != len(images):
             got = "none" if labels is None else f"{len(labels)} lists"
@@ -245,7 +245,7 @@ def evaluate(pred: str, gold_path: str, *, field: str = "image_tags", vocabulary
     counts = collections.Counter()
     failures: collections.Counter = collections.Counter()
     seen_gold: set[str] = set()
-    error_field = f"{field}_errors"
+    errors_key = error_field(field)
     pending: list[tuple[str, list[str]]] = []
     unmatched: tuple[str, str] | None = None
 
@@ -265,7 +265,7 @@ def evaluate(pred: str, gold_path: str, *, field: str = "image_tags", vocabulary
             continue
         meta = row.get(META_KEY) if isinstance(row.get(META_KEY), dict) else {}
         tag_lists = _as_list(meta.get(field))
-        errors = _as_list(meta.get(error_field))
+        errors = _as_list(meta.get(errors_key))
         if tag_lists is not None and len(tag_lists) != len(images):
             tag_lists = None  # not aligned: no image of this row can be trusted
         if errors is not None and len(errors) != len(images):

@@ -17,6 +17,8 @@ import os
 import shutil
 from typing import Any, Iterator
 
+from vlmtag.atomic import write_text
+
 _B64 = "__vlmtag_b64__"
 
 
@@ -44,7 +46,7 @@ class Job:
         os.makedirs(self.chunk_dir, exist_ok=True)
         meta = os.path.join(self.dir, "job.json")
         if not os.path.exists(meta):
-            _atomic_write(meta, json.dumps(identity, indent=2, sort_keys=True, default=str) + "\n")
+            write_text(meta, json.dumps(identity, indent=2, sort_keys=True, default=str) + "\n", fsync=True)
         self._done = {name for name in os.listdir(self.chunk_dir) if name.endswith(".jsonl")}
 
     def _name(self, shard: int, batch: int) -> str:
@@ -53,14 +55,10 @@ class Job:
     def is_done(self, shard: int, batch: int) -> bool:
         return self._name(shard, batch) in self._done
 
-    @property
-    def done_count(self) -> int:
-        return len(self._done)
-
     def write_chunk(self, shard: int, batch: int, rows: list[dict]) -> None:
         name = self._name(shard, batch)
         text = "".join(json.dumps(r, ensure_ascii=False, default=_encode) + "\n" for r in rows)
-        _atomic_write(os.path.join(self.chunk_dir, name), text)
+        write_text(os.path.join(self.chunk_dir, name), text, fsync=True)
         self._done.add(name)
 
     def read_shard(self, shard: int) -> Iterator[list[dict]]:
@@ -88,15 +86,7 @@ class Job:
         os.makedirs(self.chunk_dir, exist_ok=True)
 
     def mark_complete(self, info: dict) -> None:
-        _atomic_write(self.complete_path, json.dumps(info, indent=2, default=str) + "\n")
+        write_text(self.complete_path, json.dumps(info, indent=2, default=str) + "\n", fsync=True)
         shutil.rmtree(self.chunk_dir, ignore_errors=True)
         self._done.clear()
 
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -11,6 +11,9 @@ from typing import Callable, Iterator, Sequence
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from vlmtag.urls import is_remote
+from vlmtag.stats import RunStats
+
 LOG_EVERY_S = 30.0
 
 
@@ -18,7 +21,7 @@ def count_rows(shards: Sequence, limit: int | None = None) -> int | None:
     """Rows in the dataset when that is cheap to know (JSONL line count, Parquet metadata), else None."""
     total = 0
     for shard in shards:
-        if shard.rows is not None or "://" in shard.path:
+        if shard.rows is not None or is_remote(shard.path):
             return None
         if shard.kind == "jsonl":
             with open(shard.path, "rb") as f:
@@ -39,14 +42,13 @@ def _ends_with_newline(f) -> bool:
     return f.read(1) == b"\n"
 
 
-def _describe(c: dict, rate: float) -> str:
-    return (f"images {c.get('images', 0):,}  {rate:.1f} img/s  failed {c.get('failed', 0):,}  "
-            f"cached {c.get('cached', 0):,}")
+def _describe(s: RunStats, rate: float) -> str:
+    return f"images {s.images_processed:,}  {rate:.1f} img/s  failed {s.failed:,}  cached {s.cached:,}"
 
 
 @contextlib.contextmanager
-def progress_reporter(console: Console, total_rows: int | None = None) -> Iterator[Callable[[dict], None] | None]:
-    """Yields a callback taking the run's counters after each batch (None with -q)."""
+def progress_reporter(console: Console, total_rows: int | None = None) -> Iterator[Callable[[RunStats], None] | None]:
+    """Yields a callback taking the run's stats so far after each batch (None with -q)."""
     if console.quiet:
         yield None
         return
@@ -54,14 +56,14 @@ def progress_reporter(console: Console, total_rows: int | None = None) -> Iterat
     if not console.is_terminal:
         last = [start]
 
-        def log(c: dict) -> None:
+        def log(s: RunStats) -> None:
             now = time.perf_counter()
             if now - last[0] >= LOG_EVERY_S:
                 last[0] = now
-                rows = c["rows"] + c.get("resumed_rows", 0)
                 of = f"/{total_rows:,}" if total_rows else ""
-                rate = c.get("images", 0) / max(now - start, 1e-9)
-                print(f"vlmtag: progress: rows {rows:,}{of}  {_describe(c, rate)}", file=sys.stderr, flush=True)
+                rate = s.images_processed / max(now - start, 1e-9)
+                print(f"vlmtag: progress: rows {s.rows_processed + s.rows_resumed:,}{of}  {_describe(s, rate)}",
+                      file=sys.stderr, flush=True)
 
         yield log
         return
@@ -70,8 +72,8 @@ def progress_reporter(console: Console, total_rows: int | None = None) -> Iterat
                   TimeRemainingColumn(), console=console, transient=True) as bar:
         task = bar.add_task("starting…", total=total_rows)
 
-        def update(c: dict) -> None:
-            rate = c.get("images", 0) / max(time.perf_counter() - start, 1e-9)
-            bar.update(task, completed=c["rows"] + c.get("resumed_rows", 0), description=_describe(c, rate))
+        def update(s: RunStats) -> None:
+            rate = s.images_processed / max(time.perf_counter() - start, 1e-9)
+            bar.update(task, completed=s.rows_processed + s.rows_resumed, description=_describe(s, rate))
 
         yield update

@@ -79,7 +79,7 @@ class RunStats:
     failed: int = 0
     failure_reasons: dict[str, int] = field(default_factory=dict)
     # this run
-    rows_processed: int = 0
+    rows_processed: int = 0  # rows this run finished (checkpointed)
     rows_resumed: int = 0  # done by an earlier, interrupted run of the same job
     rows_already_tagged: int = 0  # had the tag field in the input; kept as they were
     images_processed: int = 0
@@ -104,12 +104,13 @@ class RunStats:
         return self.images_processed / self.wall_seconds if self.wall_seconds > 0 else 0.0
 
     def take_counters(self, counters: dict) -> None:
-        """This run's part from an operator's `TaggingStats.as_dict()` (the one place their names are mapped)."""
-        self.rows_processed = counters.get("rows", 0)
+        """This run's counts from the operators' counters (`TaggingStats.as_dict()`): the one place their names
+        are mapped. Until the export is written, its counts (tagged, failed, reasons) are this run's."""
         self.rows_already_tagged = counters.get("rows_skipped", 0)
         self.images_processed = counters.get("images", 0)
-        for name in ("cached", "requests", "retries", "prompt_tokens", "completion_tokens"):
+        for name in ("tagged", "failed", "cached", "requests", "retries", "prompt_tokens", "completion_tokens"):
             setattr(self, name, counters.get(name, 0))
+        self.failure_reasons = dict(counters.get("failure_reasons") or {})
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -5,9 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from vlmtag.errors import EXIT_ABORTED, EXIT_INTERRUPTED, EXIT_OK
 from vlmtag.run import RunResult
-
-EXIT_OK, EXIT_ABORTED, EXIT_INTERRUPTED = 0, 1, 130
 
 
 def exit_status(result: RunResult) -> int:
@@ -24,24 +23,24 @@ def render_summary(result: RunResult, console: Console, *, resume_command: str =
         console.print(f"summary: {result.stats_path}", markup=False)
         return
     rows = [
-        ("rows", f"{s.get('rows', 0):,}"),
-        ("images", f"{s.get('images', 0):,}"),
-        ("tagged", f"{s.get('tagged', 0):,}"),
-        ("failed", f"{s.get('failed', 0):,}"),
-        ("from cache", f"{s.get('cached', 0):,}"),
-        ("requests", f"{s.get('requests', 0):,}"),
-        ("retries", f"{s.get('retries', 0):,}"),
-        ("tokens in / out", f"{s.get('prompt_tokens', 0):,} / {s.get('completion_tokens', 0):,}"),
-        *([("cost (from server token counts)", f"{s['cost']:.4f}")] if "cost" in s else []),
-        ("wall time", f"{result.wall_seconds:.1f} s"),
-        ("images/s", f"{result.images_per_second:.2f}"),
+        ("rows", f"{s.rows:,}"),
+        ("images", f"{s.images:,}"),
+        ("tagged", f"{s.tagged:,}"),
+        ("failed", f"{s.failed:,}"),
+        ("from cache", f"{s.cached:,}"),
+        ("requests", f"{s.requests:,}"),
+        ("retries", f"{s.retries:,}"),
+        ("tokens in / out", f"{s.prompt_tokens:,} / {s.completion_tokens:,}"),
+        *([("cost (from server token counts)", f"{s.cost:.4f}")] if s.cost is not None else []),
+        ("wall time", f"{s.wall_seconds:.1f} s"),
+        ("images/s", f"{s.images_per_second:.2f}"),
     ]
-    if s.get("rows_resumed"):
-        rows.insert(1, ("rows resumed (done before)", f"{s['rows_resumed']:,}"))
-    if s.get("rows_already_tagged"):
-        rows.insert(1, ("rows already tagged (kept)", f"{s['rows_already_tagged']:,}"))
+    if s.rows_resumed:
+        rows.insert(1, ("rows resumed (done before)", f"{s.rows_resumed:,}"))
+    if s.rows_already_tagged:
+        rows.insert(1, ("rows already tagged (kept)", f"{s.rows_already_tagged:,}"))
     console.print(_table(rows))
-    reasons = s.get("failure_reasons") or {}
+    reasons = s.failure_reasons
     if reasons:
         console.print("top failure reasons:")
         for reason, n in list(reasons.items())[:5]:

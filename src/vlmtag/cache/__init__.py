@@ -1,9 +1,24 @@
 """The answer cache: a model's raw answer per (image bytes, everything that changes the answer).
 
-`AnswerCache` is the interface the operator sees; `SqliteAnswerCache` is the implementation executors attach.
+`AnswerCache` is the interface the operator sees; `SqliteAnswerCache` is the implementation executors attach
+(loaded, with sqlite3, on first use). Imports nothing of vlmtag: every layer above may use it.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from vlmtag.cache.base import AnswerCache
-from vlmtag.cache.sqlite import SqliteAnswerCache
+
+if TYPE_CHECKING:
+    from vlmtag.cache.sqlite import SqliteAnswerCache
 
 __all__ = ["AnswerCache", "SqliteAnswerCache"]
+
+
+def __getattr__(name: str):
+    if name == "SqliteAnswerCache":
+        from vlmtag.cache.sqlite import SqliteAnswerCache
+
+        return SqliteAnswerCache
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

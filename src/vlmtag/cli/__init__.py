@@ -13,9 +13,7 @@ from rich.console import Console
 
 from vlmtag import __version__
 from vlmtag.engines import EngineError
-from vlmtag.errors import ConfigError
-
-EXIT_OK, EXIT_ABORTED, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
+from vlmtag.errors import EXIT_CONFIG, EXIT_INTERRUPTED, ConfigError
 COMMANDS = ("run", "tag", "report", "eval")  # modules vlmtag.cli.<name>
 
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from vlmtag.atomic import write_text
 from vlmtag.errors import ConfigError
-from vlmtag.evaluate import META_KEY
+from vlmtag.rowkeys import META_KEY
 
 
 def add_parser(sub) -> None:
@@ -95,7 +95,7 @@ def render(result, console: Console, top: int = 25) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    from vlmtag.cli import EXIT_OK
+    from vlmtag.errors import EXIT_OK
     from vlmtag.evaluate import evaluate
 
     if args.top < 0:
@@ -106,11 +106,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     render(result, console, args.top)
     if args.json_path:
         try:
-            folder = os.path.dirname(os.path.abspath(args.json_path))
-            os.makedirs(folder, exist_ok=True)
-            with open(args.json_path, "w", encoding="utf-8") as f:
-                json.dump(result.as_dict(), f, indent=2, ensure_ascii=False)
-                f.write("\n")
+            write_text(args.json_path, json.dumps(result.as_dict(), indent=2, ensure_ascii=False) + "\n")
         except OSError as e:
             raise ConfigError(f"--json {args.json_path}: cannot write it: {e.strerror or e}") from None
         console.print(f"scores written to {args.json_path}", highlight=False)

@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    from vlmtag.cli import EXIT_OK
+    from vlmtag.errors import EXIT_OK
     from vlmtag.report import write_report
 
     if args.max_gallery < 0:

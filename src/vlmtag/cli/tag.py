@@ -8,10 +8,10 @@ import os
 from rich.console import Console
 
 from vlmtag.cli.run import add_job_flags, check_limit
+from vlmtag.defaults import DEFAULT_MODEL as DEFAULT_API_MODEL
 from vlmtag.errors import ConfigError
 
 DEFAULT_QUICK_MODEL = "builtin:default"
-DEFAULT_API_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 
 
 def add_parser(sub) -> None:
@@ -29,7 +29,8 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace, console: Console) -> int:
     from vlmtag.ops import ImageTaggingVLMMapper
     from vlmtag.progress import progress_reporter
-    from vlmtag.run import inline_shard, run_job
+    from vlmtag.io.inline import inline_shard
+    from vlmtag.run import run_job
     from vlmtag.summary import exit_status, render_summary
 
     check_limit(args.limit)

@@ -1,7 +1,7 @@
-"""Inference engines behind one batch-in/batch-out interface (see `base.Engine`).
+"""Inference engines behind one batch-in/batch-out interface (see `base.Engine`): transports only.
 
-Heavy engines are imported lazily, so `import vlmtag` stays light and an engine's extra is needed
-only when that engine is used.
+Imports nothing of vlmtag's datasets, io, ops or cache. Heavy engines are imported lazily, so `import vlmtag`
+stays light and an engine's extra is needed only when that engine is used.
 """
 
 from __future__ import annotations

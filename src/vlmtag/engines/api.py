@@ -1,11 +1,11 @@
 """OpenAI-compatible chat completions (vllm serve, SGLang, Ollama, DashScope, OpenAI, ...).
 
-One attempt per request: the operator owns the attempt budget and calls `generate` again for the
-retryable ones, so nothing here retries (httpx has no retries by default and we keep it so).
+One attempt per request: the operator owns the attempt budget and sends the retryable ones again (through
+`run_batch`), so nothing here retries (the transports are built with httpx's default of no retries).
 
 Requests run concurrently on one private event loop in a background daemon thread, over
 `settings.concurrency` keep-alive connections; that bounds the requests in flight across all
-`generate` calls together, whichever threads they come from.
+`generate` / `run_batch` calls together, whichever threads they come from.
 
 Each connection is its own single-connection `httpx.AsyncHTTPTransport` (all sharing one TLS context).
 One client with a pool of N connections would be simpler, but httpcore scans every connection of
@@ -31,6 +31,7 @@ import time
 from typing import Any, Callable, Mapping, Sequence
 
 import httpx
+from aiolimiter import AsyncLimiter
 
 from vlmtag.cost import text_tokens, visual_tokens
 from vlmtag.defaults import DEFAULT_MAX_TOKENS
@@ -60,8 +61,8 @@ _ERROR_TEXT_LIMIT = 200
 def build_body(request: Request, settings: EngineSettings) -> dict[str, Any]:
     """The JSON body of one chat completion for one image.
 
-    `{"model", "messages": [system, user], **sampling_params}`, with `max_tokens` = the answer budget (`DEFAULT_MAX_TOKENS`) when the
-    sampling params cap neither `max_tokens` nor `max_completion_tokens`, and a standard
+    `{"model", "messages": [system, user], **sampling_params}`, with `max_tokens` = `DEFAULT_MAX_TOKENS` (the
+    answer budget) when the sampling params cap neither `max_tokens` nor `max_completion_tokens`, and a standard
     `response_format` json_schema when `settings.json_schema` is a dict (unless the sampling params
     already carry a `response_format`, which wins). The system message is left out when the system
     prompt is empty.
@@ -233,8 +234,9 @@ class _Redactor:
         return "_Redactor(***)"
 
 
-def _make_limiter(per_minute: float | None, name: str) -> Any:
-    """A leaky bucket releasing `per_minute` units a minute, smoothly (per second where it can).
+def _make_limiter(per_minute: float | None, name: str) -> AsyncLimiter | None:
+    """A leaky bucket releasing `per_minute` units a minute, smoothly (per second where it can); None
+    when there is no limit.
 
     Rate limits such as DashScope's are enforced per second too, so a minute's budget is not burst
     at once: the bucket holds one second's share (or one unit, for slow rates).
@@ -243,17 +245,13 @@ def _make_limiter(per_minute: float | None, name: str) -> Any:
         return None
     if not per_minute > 0:
         raise EngineError(f"{name} must be > 0 (got {per_minute!r})")
-    try:
-        from aiolimiter import AsyncLimiter
-    except ImportError:
-        raise EngineError(f"{name} needs aiolimiter: please install it (`pip install aiolimiter`)") from None
     if per_minute >= 60:
         return AsyncLimiter(per_minute / 60.0, 1.0)
     return AsyncLimiter(1, 60.0 / per_minute)
 
 
 def estimate_tokens(request: Request, sampling_params: Mapping[str, Any]) -> int:
-    """Prompt + completion tokens of a request: Qwen-style image tokens, text/4, and the max_tokens cap."""
+    """Prompt + completion tokens of a request: Qwen-style image tokens, text/4, and the answer budget."""
     text = text_tokens(request.system_prompt) + text_tokens(request.user_text)
     return visual_tokens(request.image.width, request.image.height) + text + answer_budget(sampling_params)
 
@@ -311,8 +309,8 @@ class ApiEngine(Engine):
         self._request_url = httpx.URL(self._url).copy_merge_params(dict(query or {})) if query else httpx.URL(self._url)
         self._timeouts = httpx.Timeout(self._timeout).as_dict()
         self._limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-        # Checked now so a missing aiolimiter or a bad rate fails at build time; the limiters
-        # themselves are made on the engine's loop.
+        # Checked now so a bad rate fails at build time; the limiters themselves are made on the
+        # engine's loop.
         _make_limiter(settings.max_requests_per_minute, "max_requests_per_minute")
         _make_limiter(settings.max_tokens_per_minute, "max_tokens_per_minute")
 
@@ -321,8 +319,8 @@ class ApiEngine(Engine):
         self._thread: threading.Thread | None = None
         self._clients: list[httpx.AsyncHTTPTransport] = []
         self._idle: asyncio.Queue[httpx.AsyncHTTPTransport] | None = None  # one per free connection
-        self._rpm: Any = None
-        self._tpm: Any = None
+        self._rpm: AsyncLimiter | None = None
+        self._tpm: AsyncLimiter | None = None
 
     def __repr__(self) -> str:
         return (

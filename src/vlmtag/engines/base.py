@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from vlmtag.defaults import DEFAULT_MAX_PIXELS
-from vlmtag.images import EncodedImage
+from vlmtag.images.encoded import EncodedImage
 
 
 @dataclass(frozen=True)

@@ -246,16 +246,11 @@ class EmbeddedEngine(Engine):
         self.params = {**DEFAULT_PARAMS, **settings.model_params}
         self.use_detector = settings.model in ("builtin:default", "builtin:coco-detector")
         self.use_classifier = settings.model in ("builtin:default", "builtin:imagenet-classifier")
-        # Fail early and cheaply if the package or its dependencies are missing; load the models later.
+        # Fail early and cheaply if the model files are missing; load the models later.
         for name in (DETECTOR_FILES if self.use_detector else ()) + (
             CLASSIFIER_FILES if self.use_classifier else ()
         ):
             _model_file(name)
-        for module, pip_name in (("cv2", "opencv-python-headless"), ("ai_edge_litert", "ai-edge-litert")):
-            if module == "ai_edge_litert" and not self.use_classifier:
-                continue
-            if importlib.util.find_spec(module) is None:
-                raise EngineError(f"the embedded engine needs {pip_name} (`pip install {pip_name}`)")
         self._detector: _Detector | None = None
         self._classifier: _Classifier | None = None
         self._load_lock = threading.Lock()

@@ -9,41 +9,38 @@ from __future__ import annotations
 
 import collections
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterable, Sequence
+from typing import Iterable
 
-from vlmtag.executors.base import WorkItem, apply_ops
+from vlmtag.executors.base import Done, Executor, WorkItem
+from vlmtag.ops.base import Pipeline
 
 
-def run_local(
-    ops: Sequence,
-    items: Iterable[WorkItem],
-    done: Callable[[WorkItem, list[dict]], None],
-    *,
-    depth: int = 2,
-) -> None:
-    """Run every item through `ops` and hand each result to `done`, in input order.
+class LocalExecutor(Executor):
+    def __init__(self, depth: int = 2) -> None:
+        self.depth = depth
 
-    On Ctrl-C, the batches already in flight are finished and handed over before the interrupt goes on,
-    so their requests are not paid for twice.
-    """
-    pending: collections.deque[tuple[WorkItem, Future]] = collections.deque()
-    pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="vlmtag-batch")
-    try:
-        for item in items:
-            pending.append((item, pool.submit(apply_ops, ops, item)))
-            while len(pending) >= depth:
+    def run(self, pipeline: Pipeline, items: Iterable[WorkItem], done: Done, *, cache_path: str | None = None) -> None:
+        def work(item: WorkItem) -> list[dict]:
+            return pipeline.process_rows(item.rows, base_dir=item.base_dir)
+
+        pending: collections.deque[tuple[WorkItem, Future]] = collections.deque()
+        pool = ThreadPoolExecutor(max_workers=self.depth, thread_name_prefix="vlmtag-batch")
+        try:
+            for item in items:
+                pending.append((item, pool.submit(work, item)))
+                while len(pending) >= self.depth:
+                    item, future = pending.popleft()
+                    done(item, future.result())
+            while pending:
                 item, future = pending.popleft()
                 done(item, future.result())
-        while pending:
-            item, future = pending.popleft()
-            done(item, future.result())
-    except KeyboardInterrupt:
-        while pending:
-            item, future = pending.popleft()
-            if future.exception() is None:
-                done(item, future.result())
-        raise
-    finally:
-        for _, future in pending:
-            future.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
+        except KeyboardInterrupt:
+            while pending:
+                item, future = pending.popleft()
+                if future.exception() is None:
+                    done(item, future.result())
+            raise
+        finally:
+            for _, future in pending:
+                future.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)

@@ -32,23 +32,22 @@ URLs or bytes inside the rows (WebDataset, Parquet image columns).
 from __future__ import annotations
 
 import collections
-import functools
 import inspect
 import logging
 import os
 import pickle
 import queue as queue_module
 import threading
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable
 
 from vlmtag.errors import ConfigError
-from vlmtag.executors.base import WorkItem
-from vlmtag.executors.worker import OpWorker, WorkerResult, cache_path, merge_stats, op_specs, portable
+from vlmtag.executors.base import Done, Executor, WorkItem
+from vlmtag.executors.worker import OpWorker, WorkerResult, merge_stats, portable
+from vlmtag.ops.base import Operator, Pipeline
 
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "executor_type: ray needs Ray, which is not installed: pip install 'vlmtag[ray]'"
-LOCAL_ENGINES = ("hf", "vllm")
 _END = object()
 
 
@@ -60,13 +59,6 @@ def import_ray() -> Any:
     except ImportError:
         raise ConfigError(INSTALL_HINT) from None
     return ray
-
-
-def ray_executor(address: str = "auto", np: int = 1) -> Callable[..., None]:
-    """The executor for `run_job`; fails now, with one line, when Ray is not installed or the address cannot work."""
-    import_ray()
-    check_address(address)
-    return functools.partial(run_ray, address=address, np=np)
 
 
 def check_address(address: str | None) -> None:
@@ -103,28 +95,26 @@ def connect(ray: Any, address: str | None) -> bool:
     return True
 
 
-def pool_size(ops: Sequence, np: int) -> int:
+def pool_size(ops: Iterable[Operator], np: int) -> int:
     """The operator's `num_proc` when set (Data-Juicer's per-op override), else the recipe's `np`."""
     for op in ops:
-        n = getattr(op, "num_proc", None)
+        n = op.resources.num_proc
         if isinstance(n, int) and n > 0:
             return n
     return max(1, int(np))
 
 
-def actor_resources(ops: Sequence, cluster_gpus: float) -> dict[str, float]:
+def actor_resources(ops: Iterable[Operator], cluster_gpus: float) -> dict[str, float]:
     """CPUs and GPUs each actor asks Ray for (the largest any operator needs)."""
     num_cpus, num_gpus = 1.0, 0.0
     for op in ops:
-        kwargs = op.spec[1]
-        if kwargs.get("num_cpus") is not None:
-            num_cpus = float(kwargs["num_cpus"])
-        if kwargs.get("num_gpus") is not None:
-            gpus = float(kwargs["num_gpus"])
-        elif op.engine_kind in LOCAL_ENGINES and kwargs.get("accelerator") != "cpu" and (
-            cluster_gpus > 0 or kwargs.get("accelerator") == "cuda"
-        ):
-            gpus = float((kwargs.get("model_params") or {}).get("tensor_parallel_size") or 1)
+        r = op.resources
+        if r.num_cpus is not None:
+            num_cpus = float(r.num_cpus)
+        if r.num_gpus is not None:
+            gpus = float(r.num_gpus)
+        elif r.local_model and r.accelerator != "cpu" and (cluster_gpus > 0 or r.accelerator == "cuda"):
+            gpus = float(r.gpus_per_model)
         else:
             gpus = 0.0
         num_gpus = max(num_gpus, gpus)
@@ -134,12 +124,12 @@ def actor_resources(ops: Sequence, cluster_gpus: float) -> dict[str, float]:
 API_CALLS_PER_ACTOR = 2
 
 
-def calls_per_actor(ops: Sequence, ray: Any) -> int:
+def calls_per_actor(ops: Iterable[Operator], ray: Any) -> int:
     """Work items one actor runs at once: 2 when every engine is an API client, as the local executor does, so
     the next batch's requests start while the last of the current one are still out and the actor's
     connections do not idle at batch ends; 1 for local models (one model, one batch at a time) and on a Ray
     too old for concurrent calls in an actor pool."""
-    if not ops or any(op.engine_kind != "api" for op in ops):
+    if not all(op.resources.is_api for op in ops):
         return 1
     params = inspect.signature(ray.data.ActorPoolStrategy).parameters
     if not {"max_concurrent_calls_per_actor", "enable_true_multi_threading"} <= set(params):
@@ -212,38 +202,37 @@ def _queue_source(work_queue: Any) -> Any:
     return QueueSource()
 
 
-def run_ray(
-    ops: Sequence,
-    items: Iterable[WorkItem],
-    done: Callable[[WorkItem, list[dict]], None],
-    *,
-    address: str | None = "auto",
-    np: int = 1,
-    max_in_flight: int | None = None,
-) -> None:
-    """Run every item through `ops` on a Ray Data actor pool; `done` gets each result in input order.
+class RayExecutor(Executor):
+    """A Ray Data actor pool. Building it fails at once, with one line, when Ray is not installed or the address
+    cannot work."""
 
-    On Ctrl-C the items already sent are finished and handed to `done` before the interrupt goes on (a second
-    Ctrl-C stops at once). An exception raised by an operator in an actor (e.g. `RunAborted`) is raised here
-    with its type and message.
-    """
-    ray = import_ray()
-    started = connect(ray, address)
-    try:
-        _Pipeline(ray, ops, np, max_in_flight).run(items, done)
-    finally:
-        if started:
-            ray.shutdown()
+    builds_own_ops = True
+
+    def __init__(self, address: str | None = "auto", np: int = 1, max_in_flight: int | None = None) -> None:
+        import_ray()
+        check_address(address)
+        self.address, self.np, self.max_in_flight = address, np, max_in_flight
+
+    def run(self, pipeline: Pipeline, items: Iterable[WorkItem], done: Done, *, cache_path: str | None = None) -> None:
+        ray = import_ray()
+        started = connect(ray, self.address)
+        try:
+            _RayRun(ray, pipeline, cache_path, self.np, self.max_in_flight).run(items, done)
+        finally:
+            if started:
+                ray.shutdown()
 
 
-class _Pipeline:
-    def __init__(self, ray: Any, ops: Sequence, np: int, max_in_flight: int | None) -> None:
-        self.ray, self.ops = ray, ops
-        self.pool = pool_size(ops, np)
-        self.calls_per_actor = calls_per_actor(ops, ray)
+class _RayRun:
+    """One run's driver side: feeds items into Ray, puts results back in input order."""
+
+    def __init__(self, ray: Any, pipeline: Pipeline, cache_path: str | None, np: int, max_in_flight: int | None) -> None:
+        self.ray, self.pipeline, self.cache_path = ray, pipeline, cache_path
+        self.pool = pool_size(pipeline, np)
+        self.calls_per_actor = calls_per_actor(pipeline, ray)
         self.max_in_flight = max_in_flight or (self.calls_per_actor + 1) * self.pool
         self.max_waiting = 4 * self.max_in_flight
-        self.resources = actor_resources(ops, ray.cluster_resources().get("GPU", 0))
+        self.resources = actor_resources(pipeline, ray.cluster_resources().get("GPU", 0))
         self.results: queue_module.Queue = queue_module.Queue()
         self.pending: collections.deque[tuple[int, WorkItem]] = collections.deque()
         self.arrived: dict[int, bytes] = {}
@@ -259,11 +248,10 @@ class _Pipeline:
         # The read task only waits on the queue: it must not take a CPU the actors need.
         read_args = {"num_cpus": 0} if "num_cpus" in read_params else {"ray_remote_args": {"num_cpus": 0}}
         ds = rd.read_datasource(_queue_source(work_queue), override_num_blocks=1, **read_args)
-        specs, cache = op_specs(self.ops), cache_path(self.ops)
         log.info("Ray: %d actor(s), %s each", self.pool, self.resources)
         return ds.map_batches(
             TagActor,
-            fn_constructor_args=(specs, cache),
+            fn_constructor_args=(self.pipeline.specs, self.cache_path),
             batch_size=1,
             batch_format="pyarrow",
             compute=rd.ActorPoolStrategy(size=self.pool, **self._concurrent_calls()),
@@ -291,7 +279,7 @@ class _Pipeline:
 
     # -- the driver side ---------------------------------------------------------------------------------------
 
-    def run(self, items: Iterable[WorkItem], done: Callable[[WorkItem, list[dict]], None]) -> None:
+    def run(self, items: Iterable[WorkItem], done: Done) -> None:
         from ray.util.queue import Queue
 
         ctx = self.ray.data.DataContext.get_current()
@@ -357,7 +345,7 @@ class _Pipeline:
             return None
         self.pending.popleft()
         result: WorkerResult = pickle.loads(self.arrived.pop(idx))
-        merge_stats(self.ops, result)
+        merge_stats(self.pipeline, result)
         return item, result
 
     def _wait_oldest(self, work_queue: Any, items: Any) -> tuple[WorkItem, WorkerResult] | None:
@@ -376,7 +364,7 @@ class _Pipeline:
                 self._send(work_queue, items)
         return taken
 
-    def _feed_and_finish(self, items: Any, work_queue: Any, done: Callable) -> None:
+    def _feed_and_finish(self, items: Any, work_queue: Any, done: Done) -> None:
         while True:
             self._send(work_queue, items)
             if not self.pending:
@@ -389,7 +377,7 @@ class _Pipeline:
                 raise result.error
             done(item, result.rows)
 
-    def _drain(self, work_queue: Any, done: Callable) -> None:
+    def _drain(self, work_queue: Any, done: Done) -> None:
         """After Ctrl-C: send nothing more, finish what was sent (a failed item is left for the rerun)."""
         if not self.end_sent:
             work_queue.put(None)

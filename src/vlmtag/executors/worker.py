@@ -1,21 +1,20 @@
 """The worker side of the executors that run outside the driver process (`np` > 1 processes, Ray actors).
 
-A worker rebuilds the driver's operators from their specs (`op.spec`), once, attaches its own answer cache at
-the driver's cache path, and then runs work items: rows in, rows out, plus what the operators counted while
-doing it (the driver adds those counts to its own operators, so summaries and progress stay right).
+A worker rebuilds the driver's pipeline from its operators' specs, once, attaches its own answer cache at the
+driver's cache path, and then runs work items: rows in, rows out, plus what the operators counted while doing
+it (the driver adds those counts to its own operators, so summaries and progress stay right).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from vlmtag.executors.base import WorkItem, apply_ops
+from vlmtag.ops.base import OpSpec, Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -27,33 +26,9 @@ class WorkerResult:
     error: BaseException | None = None  # raised again by the driver, same type and message
 
 
-def op_specs(ops: Sequence) -> list[tuple[str, dict]]:
-    return [op.spec for op in ops]
-
-
-def cache_path(ops: Sequence) -> str | None:
-    """Where the driver's answer cache lives, so workers can open the same one (None: no cache)."""
-    cache = next((op.cache for op in ops if op.cache is not None), None)
-    if cache is None:
-        return None
-    path = getattr(cache, "path", None)
-    if path is None:
-        log.warning("the answer cache (%s) cannot be opened by worker processes; workers run without it",
-                    type(cache).__name__)
-        return None
-    return os.path.abspath(path)  # workers may run in another folder
-
-
-def merge_stats(ops: Sequence, result: WorkerResult) -> None:
-    for op, delta in zip(ops, result.stats):
+def merge_stats(pipeline: Pipeline, result: WorkerResult) -> None:
+    for op, delta in zip(pipeline, result.stats):
         op.stats.merge(delta)
-
-
-def release_engines(ops: Sequence) -> None:
-    """The driver's operators only carry specs, stats and the cache here: free their engines (a model the driver
-    loaded would otherwise sit in memory, or on the GPU the workers need). Closing twice is harmless."""
-    for op in ops:
-        op.close()
 
 
 def portable(exc: BaseException) -> BaseException:
@@ -68,32 +43,30 @@ def portable(exc: BaseException) -> BaseException:
 class OpWorker:
     """Operators rebuilt from specs, with their engines built and the cache attached."""
 
-    def __init__(self, specs: Sequence[tuple[str, dict]], cache_path: str | None) -> None:
+    def __init__(self, specs: Sequence[OpSpec], cache_path: str | None) -> None:
         from vlmtag.cache import SqliteAnswerCache
         from vlmtag.ops import get_operator
 
-        self.ops = [get_operator(name)(**kwargs) for name, kwargs in specs]
+        self.pipeline = Pipeline([get_operator(name)(**kwargs) for name, kwargs in specs])
         self.cache = None
         if cache_path:
             try:
                 self.cache = SqliteAnswerCache(cache_path)
             except Exception as e:  # e.g. a path that exists only on the driver's machine
                 log.warning("answer cache %s cannot be opened here (%s); this worker runs without it", cache_path, e)
-            for op in self.ops:
-                op.cache = self.cache
+            self.pipeline.attach_cache(self.cache)
         try:
-            for op in self.ops:
-                op.setup()
+            self.pipeline.setup()
         except BaseException:
             self.close()
             raise
         self._stats_lock = threading.Lock()
-        self._reported = [op.stats.as_dict() for op in self.ops]
+        self._reported = [op.stats.as_dict() for op in self.pipeline]
 
     def run(self, rows: list[dict], base_dir: str | None) -> WorkerResult:
         """One work item. Safe to call from several threads at once (a Ray actor may run two items)."""
         try:
-            rows = apply_ops(self.ops, WorkItem(None, rows, base_dir))
+            rows = self.pipeline.process_rows(rows, base_dir=base_dir)
         except Exception as e:
             return WorkerResult(None, self._stats_delta(), portable(e))
         return WorkerResult(rows, self._stats_delta())
@@ -103,7 +76,7 @@ class OpWorker:
         back with the other item's result, but every count goes back exactly once, so the driver's sums hold."""
         with self._stats_lock:
             deltas = []
-            for i, op in enumerate(self.ops):
+            for i, op in enumerate(self.pipeline):
                 now = op.stats.as_dict()
                 before = self._reported[i]
                 delta = {k: v - before.get(k, 0) for k, v in now.items() if isinstance(v, int)}
@@ -113,7 +86,7 @@ class OpWorker:
             return deltas
 
     def close(self) -> None:
-        for op in self.ops:
+        for op in self.pipeline:
             try:
                 op.close()
             except Exception as e:

@@ -1,7 +1,28 @@
-"""Image loading: bytes from a path, URL or column, decoded, oriented, converted to RGB, downscaled, encoded once."""
+"""Image loading: bytes from a path, URL or column, decoded, oriented, converted to RGB, downscaled, encoded once.
 
-from vlmtag.images.fetch import FetchLimits, ImageError, read_source
-from vlmtag.images.prepare import EncodedImage, load_image, max_pixels_for_short_side, prepare_image
+Owns reading image sources (`fetch`), decoding and re-encoding (`prepare`) and `EncodedImage` (`encoded`).
+Imports nothing of vlmtag's engines, ops or io. Names load on first use, so `EncodedImage` alone costs no codec.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from vlmtag.images.encoded import EncodedImage
+
+if TYPE_CHECKING:
+    from vlmtag.images.fetch import FetchLimits, ImageError, read_source
+    from vlmtag.images.prepare import load_image, max_pixels_for_short_side, prepare_image
+
+# name -> the module that defines it, imported when the name is first asked for
+_LAZY = {
+    "FetchLimits": "vlmtag.images.fetch",
+    "ImageError": "vlmtag.images.fetch",
+    "read_source": "vlmtag.images.fetch",
+    "load_image": "vlmtag.images.prepare",
+    "max_pixels_for_short_side": "vlmtag.images.prepare",
+    "prepare_image": "vlmtag.images.prepare",
+}
 
 __all__ = [
     "EncodedImage",
@@ -12,3 +33,18 @@ __all__ = [
     "prepare_image",
     "read_source",
 ]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

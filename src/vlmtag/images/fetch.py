@@ -31,6 +31,8 @@ from typing import IO, Callable
 
 import httpx
 
+from vlmtag.urls import scheme_of
+
 
 class ImageError(ValueError):
     """A per-image failure; ``str(e)`` is a short, clear reason that a user sees in an error column.
@@ -53,7 +55,6 @@ class FetchLimits:
     total_timeout: float = 120.0  # a whole download, so a server trickling bytes cannot hold a worker forever
 
 
-_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://")
 _SECRET_PARAM = re.compile(r"sig|signature|token|key|secret|password|passwd|credential|auth|session", re.I)
 _REDIRECTS = (301, 302, 303, 307, 308)
 _MAX_SHOWN_URL = 200
@@ -72,25 +73,18 @@ def read_source(source: str, *, base_dir: str | None = None, limits: FetchLimits
         raise ImageError("empty image source")
     if text[:5].lower() == "data:":
         return _read_data_uri(text, limits)
-    scheme = _scheme(text)
+    scheme = scheme_of(text)
     if scheme:
         if scheme not in ("http", "https"):
             raise ImageError(f"unsupported URL scheme '{scheme}' (only http and https)")
         return _read_http(text, limits)
-    base_scheme = _scheme(base_dir) if base_dir else None
+    base_scheme = scheme_of(base_dir) if base_dir else None
     if base_scheme and not text.startswith(("/", "~")):
         url = _join_remote(base_dir, text)
         if base_scheme in ("http", "https"):
             return _read_http(url, limits)
         return _read_fsspec(url, source, limits)
     return _read_file(source, base_dir, limits)
-
-
-def _scheme(text: str) -> str | None:
-    m = _URL_SCHEME.match(text)
-    if m and len(m.group(1)) > 1:  # one letter is a Windows drive ("C://x"), not a scheme
-        return m.group(1).lower()
-    return None
 
 
 def _join_remote(base_dir: str, relative: str) -> str:
@@ -121,7 +115,7 @@ def _read_fsspec(url: str, source: str, limits: FetchLimits) -> bytes:
     try:
         import fsspec
     except ImportError:
-        raise ImageError(f"reading {url.split('://')[0]}:// needs fsspec (pip install 'vlmtag[remote]')") from None
+        raise ImageError(f"reading {scheme_of(url)}:// needs fsspec (pip install 'vlmtag[remote]')") from None
     shown = redact_url(url)
     try:
         return _read_bounded(lambda: fsspec.open(url, "rb"), source, shown, limits)
@@ -154,15 +148,6 @@ def redact_url(url: str) -> str:
 
 def _shown_value(key: str, value: str) -> str:
     return "***" if _SECRET_PARAM.search(key) else urllib.parse.quote(value, safe="")
-
-
-def close_http_client() -> None:
-    """Close the shared client (its pooled connections); the next URL read opens a new one."""
-    global _client
-    with _client_lock:
-        if _client is not None:
-            _client.close()
-            _client = None
 
 
 # ---------------------------------------------------------------------------------------------- local files

@@ -25,18 +25,18 @@ from their minimum and maximum. Colour profiles (ICC) are not applied. Animated 
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import math
 import re
-from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
+from vlmtag.defaults import DEFAULT_MAX_PIXELS
+from vlmtag.images.encoded import EncodedImage
 from vlmtag.images.fetch import FetchLimits, ImageError, read_source
 
 __all__ = [
@@ -50,7 +50,6 @@ __all__ = [
     "prepare_image",
 ]
 
-DEFAULT_MAX_PIXELS = 802_816  # 1024 visual tokens of 28x28 pixels (Qwen2.5-VL)
 JPEG_QUALITY = 90
 # Largest decoded image accepted (width * height), checked from the header before any pixel is decoded.
 # Pillow's own default; Pillow itself also refuses images over twice its Image.MAX_IMAGE_PIXELS.
@@ -64,20 +63,6 @@ _PASSTHROUGH_BYTES_PER_PIXEL = 1.0
 _PASSTHROUGH_SLACK = 16 * 1024  # headers, quantisation and Huffman tables
 _ORIENTATION_TAG = 0x0112
 _LINEAR_MAX_RATIO = 1.5
-
-
-@dataclass(frozen=True)
-class EncodedImage:
-    """An image ready to send: encoded bytes, their true MIME type and pixel size."""
-
-    data: bytes = field(repr=False)
-    mime: str
-    width: int
-    height: int
-    source_sha256: str = ""  # hex SHA-256 of the original raw bytes (a cache key); "" when unknown
-
-    def data_url(self) -> str:
-        return f"data:{self.mime};base64," + base64.b64encode(self.data).decode("ascii")
 
 
 def max_pixels_for_short_side(width: int, height: int, short_side: int) -> int:

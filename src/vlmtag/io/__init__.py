@@ -1,6 +1,8 @@
-"""Dataset I/O: rows in, rows out, in bounded batches. The format comes from the file extension."""
+"""Dataset I/O: rows in, rows out, in bounded batches; shards, their readers (the table: `dataset.READERS`), writers.
 
-from vlmtag.io import readers as _readers  # noqa: F401  (registers the file formats)
+Imports nothing of vlmtag's ops, engines or image decoding: image bytes pass through the rows untouched.
+"""
+
 from vlmtag.io.base import RowWriter, UnsupportedFormat, format_of
 from vlmtag.io.dataset import Shard, open_dataset
 from vlmtag.io.readers import read_batches

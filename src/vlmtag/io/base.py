@@ -1,4 +1,4 @@
-"""What readers and writers share: format detection and the writer interface."""
+"""What readers and writers share: format detection, the file extensions, the writer interface."""
 
 from __future__ import annotations
 
@@ -7,13 +7,21 @@ import itertools
 import os
 from typing import Iterable, Iterator
 
+from vlmtag.atomic import atomic_path
 from vlmtag.rowkeys import BYTES_KEY
 
 FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+TAR_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
 
 
 class UnsupportedFormat(ValueError):
     pass
+
+
+class ShardReadError(ValueError):
+    """A shard could not be read to its end (a truncated or corrupt tar, ...). The message names the shard and
+    the place; the rows before that place have already been yielded."""
 
 
 def format_of(path: str) -> str:
@@ -34,14 +42,22 @@ def output_row(row: dict) -> dict:
     return row
 
 
+class _Aborted(Exception):
+    """Thrown into the temporary file's `atomic_path` to remove it."""
+
+
 class RowWriter(abc.ABC):
-    """Writes rows to a temporary file next to `path`; `commit()` renames it into place, so a crash never
-    leaves a half-written export under the real name."""
+    """Writes rows to a temporary file next to `path` (`vlmtag.atomic.atomic_path`); `commit()` renames it into
+    place, `abort()` removes it, so a crash never leaves a half-written export under the real name.
+
+    As a context manager (`with open_writer(path) as w:`) it commits when the block ends normally and aborts
+    when it raises. After the first `commit()` or `abort()`, both do nothing.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.tmp_path = f"{path}.tmp-{os.getpid()}"
+        self._target = atomic_path(path)  # entered here, left by commit() or abort()
+        self.tmp_path = self._target.__enter__()
         self.rows_written = 0
 
     @abc.abstractmethod
@@ -50,17 +66,34 @@ class RowWriter(abc.ABC):
     @abc.abstractmethod
     def _close(self) -> None: ...
 
-    def commit(self, path: str | None = None) -> None:
-        """Finish the file and move it to `path` (default: the export path)."""
-        self._close()
-        os.replace(self.tmp_path, path or self.path)
+    def commit(self) -> None:
+        """Finish the file and rename it to `path`; on failure the temporary file is removed."""
+        if self._target is None:
+            return
+        try:
+            self._close()
+        except BaseException as e:
+            self._leave(e)
+            raise
+        self._leave(None)
 
     def abort(self) -> None:
+        """Close and remove the temporary file; `path` is left as it was."""
+        if self._target is None:
+            return
         try:
             self._close()
         finally:
-            if os.path.exists(self.tmp_path):
-                os.remove(self.tmp_path)
+            self._leave(_Aborted())
+
+    def _leave(self, error: BaseException | None) -> None:
+        target, self._target = self._target, None
+        if target is None:
+            return
+        if error is None:
+            target.__exit__(None, None, None)  # renames into place
+        else:
+            target.__exit__(type(error), error, error.__traceback__)  # removes the temporary file
 
     def __enter__(self) -> "RowWriter":
         return self

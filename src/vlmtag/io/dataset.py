@@ -21,19 +21,26 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from vlmtag.io import filesystem
-from vlmtag.io.base import FORMATS, UnsupportedFormat
-from vlmtag.rowkeys import BYTES_KEY  # noqa: F401  (readers put image bytes here)
+from vlmtag.io import filesystem, folder, readers, webdataset
+from vlmtag.io.base import (
+    FORMATS,
+    IMAGE_EXTENSIONS,
+    TAR_EXTENSIONS,
+    ShardReadError,
+    UnsupportedFormat,
+)
+from vlmtag.rowkeys import BYTES_KEY
 
-# Readers by kind of shard: (path, batch_size) -> batches of rows. Formats register here (see readers.py).
-READERS: dict[str, Callable[[str, int], Iterator[list[dict]]]] = {}
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-TAR_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
+__all__ = ["BYTES_KEY", "IMAGE_EXTENSIONS", "READERS", "Shard", "ShardReadError", "kind_of", "open_dataset"]
 
-
-class ShardReadError(ValueError):
-    """A shard could not be read to its end (a truncated or corrupt tar, ...). The message names the shard and
-    the place; the rows before that place have already been yielded."""
+# The reader of each kind of shard: (path, batch_size) -> batches of rows. Every kind is listed here, once.
+READERS: dict[str, Callable[[str, int], Iterator[list[dict]]]] = {
+    "jsonl": readers.read_jsonl,
+    "json": readers.read_json_array,
+    "parquet": readers.read_parquet,
+    "webdataset": webdataset.read_webdataset,
+    "images": folder.read_image_folder,
+}
 
 
 @dataclass(frozen=True)

@@ -8,24 +8,15 @@ http(s)); without it a remote path is refused with one line naming what to insta
 from __future__ import annotations
 
 import os
-import re
 import urllib.parse
 from typing import IO, Any, Iterator
 
 from vlmtag.errors import ConfigError
-
-_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://")
+from vlmtag.urls import is_remote, scheme_of
 
 
 class RemoteUnavailable(ConfigError):
     """A remote path was given but fsspec (or its backend for that scheme) is not installed."""
-
-
-def scheme_of(path: str) -> str | None:
-    m = _SCHEME.match(path)
-    if m and len(m.group(1)) > 1:  # one letter is a Windows drive ("C://x"), not a scheme
-        return m.group(1).lower()
-    return None
 
 
 def local_path(path: str) -> str:
@@ -33,10 +24,6 @@ def local_path(path: str) -> str:
     if scheme_of(path) == "file":
         return urllib.parse.unquote(urllib.parse.urlsplit(path).path)
     return path
-
-
-def is_remote(path: str) -> bool:
-    return scheme_of(path) not in (None, "file")
 
 
 def url_path(path: str) -> str:

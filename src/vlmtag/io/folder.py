@@ -7,8 +7,9 @@ skipped: macOS leaves `._IMG_0001.jpg` files next to the photos that are not ima
 followed (a link loop cannot hang the walk); symlinked files are read.
 
 Each row is `{"images": ["<path relative to the folder>"]}` with `/` separators; the shard's `base_dir` is the
-folder, so the operator resolves the path. For a remote folder (`s3://...`, see `filesystem.py`) the operator
-cannot read the URL itself, so the row also carries the image bytes under `BYTES_KEY`, read here.
+folder, so the operator resolves the path. For a remote folder (`s3://...`, see `filesystem.py`) the row also
+carries the image bytes under `BYTES_KEY`, read here as the walk finds each file; the operator tags those bytes
+and does not fetch the path again.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import os
 from typing import Iterator
 
 from vlmtag.io import filesystem
-from vlmtag.io.base import batched
-from vlmtag.io.dataset import BYTES_KEY, IMAGE_EXTENSIONS, READERS
+from vlmtag.io.base import IMAGE_EXTENSIONS, batched
+from vlmtag.rowkeys import BYTES_KEY
 
 
 def _is_image(name: str) -> bool:
@@ -53,6 +54,3 @@ def read_image_folder(path: str, batch_size: int) -> Iterator[list[dict]]:
     else:
         rows = ({"images": [rel]} for rel in image_paths(path))
     return batched(rows, batch_size)
-
-
-READERS["images"] = read_image_folder

@@ -26,18 +26,16 @@ from typing import Iterator
 
 from vlmtag.io import filesystem
 from vlmtag.io.base import batched, format_of
-from vlmtag.io.dataset import BYTES_KEY, READERS
-
-from vlmtag.rowkeys import INVALID_ROW_KEY
+from vlmtag.rowkeys import BYTES_KEY, INVALID_ROW_KEY
 
 
 def read_batches(path: str, batch_size: int) -> Iterator[list[dict]]:
     fmt = format_of(path)
     if fmt == "jsonl":
-        return _jsonl(path, batch_size)
+        return read_jsonl(path, batch_size)
     if fmt == "json":
-        return _json_array(path, batch_size)
-    return _parquet(path, batch_size)
+        return read_json_array(path, batch_size)
+    return read_parquet(path, batch_size)
 
 
 def _chunks(rows: list[dict], batch_size: int) -> Iterator[list[dict]]:
@@ -45,7 +43,7 @@ def _chunks(rows: list[dict], batch_size: int) -> Iterator[list[dict]]:
         yield rows[start : start + batch_size]
 
 
-def _jsonl(path: str, batch_size: int) -> Iterator[list[dict]]:
+def read_jsonl(path: str, batch_size: int) -> Iterator[list[dict]]:
     return batched(_jsonl_rows(path), batch_size)
 
 
@@ -67,7 +65,7 @@ def _jsonl_rows(path: str) -> Iterator[dict]:
             yield row
 
 
-def _json_array(path: str, batch_size: int) -> Iterator[list[dict]]:
+def read_json_array(path: str, batch_size: int) -> Iterator[list[dict]]:
     with filesystem.open_input(path, "r") as f:
         data = json.load(f)
     if isinstance(data, dict):
@@ -79,7 +77,7 @@ def _json_array(path: str, batch_size: int) -> Iterator[list[dict]]:
     yield from _chunks(rows, batch_size)
 
 
-def _parquet(path: str, batch_size: int) -> Iterator[list[dict]]:
+def read_parquet(path: str, batch_size: int) -> Iterator[list[dict]]:
     import pyarrow.parquet as pq
 
     with filesystem.open_input(path, "rb") as f, pq.ParquetFile(f) as pf:
@@ -156,9 +154,3 @@ def _image_columns(schema, file_name: str):
             row[BYTES_KEY] = data
 
     return attach
-
-
-READERS.update(jsonl=_jsonl, json=_json_array, parquet=_parquet)
-
-# The other kinds of shard register themselves on import.
-from vlmtag.io import folder as _folder, webdataset as _webdataset  # noqa: E402,F401

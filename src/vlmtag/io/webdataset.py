@@ -36,9 +36,8 @@ import zlib
 from typing import Iterator
 
 from vlmtag.io import filesystem
-from vlmtag.io.base import batched
-from vlmtag.io.dataset import BYTES_KEY, IMAGE_EXTENSIONS, READERS, ShardReadError
-from vlmtag.rowkeys import INVALID_ROW_KEY
+from vlmtag.io.base import IMAGE_EXTENSIONS, ShardReadError, batched
+from vlmtag.rowkeys import BYTES_KEY, INVALID_ROW_KEY
 
 
 class CorruptTar(ShardReadError):
@@ -191,6 +190,3 @@ def _row(tar_name: str, members: list[tuple[str, str, bytes]]) -> dict:
     elif not isinstance(row.get("images"), list):
         row["images"] = []
     return row
-
-
-READERS["webdataset"] = read_webdataset

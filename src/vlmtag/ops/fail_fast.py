@@ -15,11 +15,9 @@ class RunAborted(RuntimeError):
 
 
 class FailFast:
-    """Decides when failures mean the run itself is broken (bad or revoked key, wrong model, server down).
-
-    Two rules: `streak` final failures in a row with the same 401/403/404 (an answer about the whole run, not
-    one image); or at least `ratio` of the last `window` images failed once `min_seen` were seen.
-    """
+    """Decides when failures mean the run itself is broken. Two rules: `streak` final failures in a row with
+    the same 401/403/404 (an answer about the whole run, not one image); or at least `ratio` of the last `window`
+    images failed once `min_seen` were seen."""
 
     def __init__(self, window: int = 100, min_seen: int = 50, ratio: float = 0.95, streak: int = 3) -> None:
         self._lock = threading.Lock()
@@ -46,5 +44,3 @@ class FailFast:
             failures = self._recent.count(False)
             if len(self._recent) >= self._min_seen and failures >= self._ratio * len(self._recent):
                 raise RunAborted(f"{failures} of the last {len(self._recent)} images failed; stopping the run")
-
-

@@ -8,11 +8,12 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from vlmtag.defaults import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, PIXELS_PER_TOKEN_SIDE
 from vlmtag.errors import ConfigError
 from vlmtag.prompts import DEFAULT_EOC_TOKEN, DEFAULT_IMAGE_TOKEN
 
-DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
-# Data-Juicer's generic op arguments: accepted so its recipes run unchanged, but they change nothing here.
+# Data-Juicer's generic op arguments: accepted so its recipes run unchanged. num_proc, num_cpus, num_gpus and
+# accelerator become the operator's `resources`; the others change nothing here.
 DATA_JUICER_OP_ARGS = frozenset(
     {
         "accelerator", "num_proc", "cpu_required", "mem_required", "gpu_required", "num_cpus", "num_gpus",
@@ -21,6 +22,7 @@ DATA_JUICER_OP_ARGS = frozenset(
     }
 )
 
+
 class TaggerOptions(BaseModel):
     """vlmtag's own operator options (keyword arguments beyond Data-Juicer's signature)."""
 
@@ -28,7 +30,8 @@ class TaggerOptions(BaseModel):
 
     concurrency: int = Field(32, ge=1, description="API requests in flight")
     batch_size: int = Field(256, ge=1, description="samples per batch")
-    max_pixels: int = Field(802_816, ge=28 * 28, description="images are downscaled to at most this many pixels")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=PIXELS_PER_TOKEN_SIDE**2,
+                            description="images are downscaled to at most this many pixels")
     max_tags: int = Field(10, ge=1)
     max_tag_length: int = Field(50, ge=1)
     image_key: str = "images"
@@ -53,7 +56,8 @@ class TaggerOptions(BaseModel):
     price_per_million_input_tokens: float = Field(0.0, ge=0)
     price_per_million_output_tokens: float = Field(0.0, ge=0)
     max_cost: Optional[float] = Field(None, gt=0, description="stop the run before it spends more than this")
-    image_workers: int = Field(16, ge=1, description="threads fetching image URLs; local reads and resizing use at most 2 per core")
+    image_workers: int = Field(16, ge=1, description="threads fetching image URLs; local reads and resizing use "
+                                                     "at most 2 per core")
     fetch_timeout: float = Field(30.0, gt=0, description="seconds to read an image URL")
     max_image_bytes: int = Field(50 * 1024 * 1024, ge=1)
 
@@ -97,5 +101,3 @@ def resolve_engine_kind(model: str, is_api_model: bool, engine: str | None) -> s
     if engine:
         return engine
     return "vllm" if _vllm_usable() else "hf"
-
-

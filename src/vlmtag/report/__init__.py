@@ -1,7 +1,18 @@
 """The HTML report of an export: run stats, a tag chart, a gallery filterable by tag and the failures.
 
-`collect.py` reads the export once and aggregates it, `thumbnails.py` makes the gallery's small JPEGs,
-`html.py` writes the single self-contained page.
+What it owns: reading an export and its `<export>.stats.json` (through `vlmtag.stats.RunStats`, the one schema
+of that file, which the run writes) and turning them into one self-contained page.
+
+- `collect.py` reads the export once (streamed) and aggregates it; `load_stats` reads the run's stats.
+- `thumbnails.py` makes the gallery's small JPEGs (data: URLs).
+- `html.py` computes what the page shows and renders it with Jinja2 (autoescape on, imported only when a page is
+  rendered) from package data: `templates/report.html.j2`, `static/report.css`, `static/report.js`.
+
+What it must not import: the run and the machinery that tags (`vlmtag.run`, `vlmtag.executors`, `vlmtag.ops`,
+`vlmtag.engines`). A report reads what a run wrote; it never runs, plans or configures one, so it works on any
+export, stays quick to import, and the run can change without breaking it. It may use the shared, light modules:
+`vlmtag.stats`, `vlmtag.rowkeys`, `vlmtag.prompts`, `vlmtag.io` (reading exports, paths), `vlmtag.images`
+(loading an image for a thumbnail) and `vlmtag.errors`.
 """
 
 from vlmtag.io.exports import iter_export_rows

@@ -9,17 +9,16 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 
-from vlmtag.rowkeys import INVALID_ROW_KEY, META_KEY
-from vlmtag.stats import reason_kind
+from vlmtag.prompts import clean_text
+from vlmtag.rowkeys import INVALID_ROW_KEY, META_KEY, error_field
+from vlmtag.stats import RunStats, reason_kind
 
-_SPECIAL_TOKENS = re.compile(r"<__dj__image>|<\|__dj__eoc\|>")
-_PARTIAL = re.compile(r"^(?P<stem>.*)\.partial(?P<ext>\.[^.]+)$")
+_MAX_CAPTION = 300  # characters of a row's text shown under its images
 
 
 @dataclass
@@ -81,11 +80,8 @@ def _tag_list(value: Any) -> list[str]:
 
 
 def _caption(row: dict, text_key: str) -> str:
-    text = row.get(text_key)
-    if not isinstance(text, str):
-        return ""
-    text = " ".join(_SPECIAL_TOKENS.sub(" ", text).split())
-    return text[:300]
+    """The row's text as the model saw it: without Data-Juicer's special tokens, whitespace collapsed."""
+    return clean_text(row.get(text_key))[:_MAX_CAPTION]
 
 
 def collect(
@@ -102,7 +98,7 @@ def collect(
     seed: int = 0,
 ) -> ReportData:
     """Aggregate `rows` (any iterable, read once) into what the report shows."""
-    error_field = tag_field + "_errors"
+    errors_key = error_field(tag_field)
     data = ReportData(tag_field=tag_field)
     rng = random.Random(seed)
     reservoir: list[Entry] = []
@@ -128,7 +124,7 @@ def collect(
         if not has_field:
             data.rows_untagged += 1
         tag_lists = _as_list(meta.get(tag_field))
-        errors = _as_list(meta.get(error_field))
+        errors = _as_list(meta.get(errors_key))
         caption = _caption(row, text_key)
         for j in range(count):
             path = paths[j] if j < len(paths) else None
@@ -207,28 +203,21 @@ def _co_occurrence(counts: Counter, tag_ids: dict[str, int], flat: array, ends: 
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def stats_path_candidates(export_path: str) -> list[str]:
-    """Where the run wrote its stats: next to the export, or next to the export a `.partial` file stands in for."""
-    export_path = export_path.rstrip("/" + os.sep)
-    out = [export_path + ".stats.json"]
-    head, name = os.path.split(export_path)
-    m = _PARTIAL.match(name)
-    if m:
-        out.append(os.path.join(head, m.group("stem") + m.group("ext")) + ".stats.json")
-    return out
+def stats_path(export_path: str) -> str:
+    """Where the run wrote its stats: next to the export (a file or a folder of parts)."""
+    return export_path.rstrip("/" + os.sep) + ".stats.json"
 
 
-def load_stats(export_path: str) -> tuple[dict | None, str | None]:
-    """The run's stats (or None) and a note for the report when they could not be read."""
-    for path in stats_path_candidates(export_path):
-        if not os.path.exists(path):
-            continue
-        try:
-            with open(path, encoding="utf-8") as f:
-                doc = json.load(f)
-        except (OSError, ValueError) as e:
-            return None, f"stats file {path} could not be read ({str(e)[:120]})"
-        if not isinstance(doc, dict):
-            return None, f"stats file {path} is not a JSON object"
-        return doc, None
-    return None, f"no stats file next to the export (looked for {stats_path_candidates(export_path)[0]})"
+def load_stats(export_path: str) -> tuple[RunStats | None, str | None]:
+    """The run's stats (or None) and a note for the report when there are none or they could not be read."""
+    path = stats_path(export_path)
+    if not os.path.exists(path):
+        return None, f"no stats file next to the export (looked for {path})"
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as e:
+        return None, f"stats file {path} could not be read ({str(e)[:120]})"
+    if not isinstance(doc, dict):
+        return None, f"stats file {path} is not a JSON object"
+    return RunStats.from_dict(doc), None

