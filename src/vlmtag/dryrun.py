@@ -49,6 +49,18 @@ class DryRunReport:
         d["bad_images"] = dict(self.bad_images.most_common())
         return d
 
+    def add(self, other: "DryRunReport") -> None:
+        """Add another tagger's estimate over the same rows: rows once, images and tokens once per tagger (as
+        the run counts them)."""
+        self.rows_already_tagged = max(self.rows_already_tagged, other.rows_already_tagged)
+        for name in ("images", "images_ok", "urls_not_checked", "input_tokens", "output_tokens", "output_tokens_max"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.bad_images.update(other.bad_images)
+        self.examples = {**other.examples, **self.examples}
+        for name in ("cost", "cost_max"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            setattr(self, name, None if mine is None and theirs is None else (mine or 0.0) + (theirs or 0.0))
+
 
 def _image_size(source: Source, base_dir: str | None, limits: FetchLimits) -> tuple[int, int] | str | None:
     """(width, height) as the model would see it, an error message, or None for a URL that is not fetched."""
@@ -108,16 +120,24 @@ def dry_run(op, batches: Iterable[tuple[list[dict], str | None]], *, workers: in
 
 
 def dry_run_recipe(recipe, *, limit: int | None = None) -> DryRunReport:
-    """The dry run of a recipe's first tagger over its dataset (no engine is built, no request is sent)."""
+    """The dry run of every tagger of a recipe over its dataset, added up (no engine is built, no request is
+    sent)."""
     from vlmtag.config import build_ops
     from vlmtag.errors import ConfigError
     from vlmtag.io import UnsupportedFormat, open_dataset
     from vlmtag.run import iter_batches
 
-    op = build_ops(recipe)[0]
-    try:
-        shards = open_dataset(recipe.dataset_path)
-    except (FileNotFoundError, UnsupportedFormat) as e:
-        raise ConfigError(f"recipe: dataset_path: {e}") from None
-    batches = ((rows, shards[s].base_dir) for s, _, rows in iter_batches(shards, op.options.batch_size, limit))
-    return dry_run(op, batches)
+    total: DryRunReport | None = None
+    for op in build_ops(recipe):
+        try:
+            shards = open_dataset(recipe.dataset_path)
+        except (FileNotFoundError, UnsupportedFormat) as e:
+            raise ConfigError(f"recipe: dataset_path: {e}") from None
+        batches = ((rows, shards[s].base_dir) for s, _, rows in iter_batches(shards, op.batch_size, limit))
+        report = dry_run(op, batches)
+        if total is None:
+            total = report
+        else:
+            total.add(report)
+    assert total is not None, "a recipe has at least one operator"
+    return total

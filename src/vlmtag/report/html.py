@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 from vlmtag import __version__
 from vlmtag.errors import ConfigError
 from vlmtag.io.exports import iter_export_rows
+from vlmtag.atomic import atomic_path
 from vlmtag.urls import is_remote
 from vlmtag.report.collect import Entry, ReportData, collect, load_stats
 from vlmtag.report.thumbnails import Thumbnail, make_thumbnails
@@ -394,15 +395,8 @@ def write_report(
         export_name=os.path.basename(export_path), notes=notes,
     )
     out_path = out_path or default_report_path(export_path)
-    out_dir = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = f"{out_path}.tmp-{os.getpid()}"
     encoded = page.encode("utf-8")
-    try:
+    with atomic_path(out_path) as tmp:
         with open(tmp, "wb") as f:
             f.write(encoded)
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return ReportResult(path=out_path, data=data, images_root=images_root, bytes_written=len(encoded))
