@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-from pydantic import ValidationError
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 class ConfigError(ValueError):
@@ -22,7 +23,7 @@ def _did_you_mean(name: str, known: Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def config_error(err: ValidationError, where: str, known: Iterable[str] = ()) -> ConfigError:
+def config_error(err: "ValidationError", where: str, known: Iterable[str] = ()) -> ConfigError:
     """Turn pydantic's report into one ConfigError line per problem."""
     lines = []
     for e in err.errors():

@@ -11,7 +11,7 @@ from vlmtag.errors import ConfigError
 
 
 def add_parser(sub) -> None:
-    from vlmtag.report.html import DEFAULT_MAX_GALLERY, DEFAULT_TOP_TAGS
+    from vlmtag.report import DEFAULT_MAX_GALLERY, DEFAULT_TOP_TAGS
 
     p = sub.add_parser("report", help="write an HTML report (stats, tag chart, gallery, failures) of an export")
     p.add_argument("export", metavar="EXPORT", help="an export written by vlmtag (.jsonl, .json or .parquet)")

@@ -15,11 +15,34 @@ export, stays quick to import, and the run can change without breaking it. It ma
 (loading an image for a thumbnail) and `vlmtag.errors`.
 """
 
-from vlmtag.io.exports import iter_export_rows
-from vlmtag.report.collect import ReportData, collect, load_stats
-from vlmtag.report.html import ReportResult, build_report, default_report_path, render, write_report
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# The page's limits, here so that `vlmtag report --help` needs nothing heavy.
+DEFAULT_MAX_GALLERY = 200
+DEFAULT_MAX_FAILURES = 500
+DEFAULT_TOP_TAGS = 30
+
+_EXPORTS = {
+    "iter_export_rows": "vlmtag.io.exports",
+    "ReportData": "vlmtag.report.collect", "collect": "vlmtag.report.collect", "load_stats": "vlmtag.report.collect",
+    "ReportResult": "vlmtag.report.html", "build_report": "vlmtag.report.html",
+    "default_report_path": "vlmtag.report.html", "render": "vlmtag.report.html", "write_report": "vlmtag.report.html",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # Thumbnails need OpenCV and an HTTP client: load them when a report is made, not when the CLI starts.
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'vlmtag.report' has no attribute {name!r}")
 
 __all__ = [
+    "DEFAULT_MAX_FAILURES",
+    "DEFAULT_MAX_GALLERY",
+    "DEFAULT_TOP_TAGS",
     "ReportData",
     "ReportResult",
     "build_report",

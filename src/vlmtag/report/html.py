@@ -28,6 +28,7 @@ from vlmtag import __version__
 from vlmtag.errors import ConfigError
 from vlmtag.io.exports import iter_export_rows
 from vlmtag.atomic import atomic_path
+from vlmtag.report import DEFAULT_MAX_FAILURES, DEFAULT_MAX_GALLERY, DEFAULT_TOP_TAGS
 from vlmtag.urls import is_remote
 from vlmtag.report.collect import Entry, ReportData, collect, load_stats
 from vlmtag.report.thumbnails import Thumbnail, make_thumbnails
@@ -36,9 +37,6 @@ from vlmtag.stats import RunStats
 if TYPE_CHECKING:
     import jinja2
 
-DEFAULT_MAX_GALLERY = 200
-DEFAULT_MAX_FAILURES = 500
-DEFAULT_TOP_TAGS = 30
 CO_OCCURRENCE_TAGS = 15
 _MAX_SHOWN = 300  # characters of a path, URL or reason shown in the page
 TEMPLATE = "report.html.j2"
