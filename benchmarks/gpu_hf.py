@@ -24,8 +24,6 @@ import statistics
 import sys
 import tempfile
 import time
-import types
-from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,45 +101,14 @@ CHAT_TEMPLATE = (
 
 
 # --------------------------------------------------------------------------------------------------
-# vlmtag's engine, with or without the rest of vlmtag's dependencies.
+# vlmtag's engine, without the rest of vlmtag's dependencies.
 
 
 def make_vlmtag_importable() -> None:
-    """Put src/ on the path; when the full `import vlmtag` fails for a missing dependency, fall back to the
-    engine modules alone (they need only torch, transformers and pillow, or vLLM)."""
+    """Put src/ on the path. `import vlmtag` and the HF engine need only the standard library, torch,
+    transformers and Pillow (the image pipeline's OpenCV and simplejpeg load only when images are prepared), so
+    this runs on a GPU machine with nothing else installed."""
     sys.path.insert(0, str(SRC))
-    try:
-        import vlmtag  # noqa: F401 - the full package, when all its dependencies are here
-    except ImportError as e:
-        print(f"(vlmtag's full import failed: {e}; loading only its engine modules)")
-        _light_vlmtag()
-
-
-def _light_vlmtag() -> None:
-    """Register `vlmtag` as a bare package (its __init__ imports the whole operator) and, if the image
-    pipeline cannot be imported (it needs simplejpeg and OpenCV), a stand-in `vlmtag.images` with EncodedImage."""
-    for name in [m for m in sys.modules if m == "vlmtag" or m.startswith("vlmtag.")]:
-        del sys.modules[name]
-    package = types.ModuleType("vlmtag")
-    package.__path__ = [str(SRC / "vlmtag")]
-    sys.modules["vlmtag"] = package
-    try:
-        import vlmtag.images  # noqa: F401
-    except ImportError:
-        for name in [m for m in sys.modules if m.startswith("vlmtag.images")]:
-            del sys.modules[name]
-        images = types.ModuleType("vlmtag.images")
-
-        @dataclass(frozen=True)
-        class EncodedImage:
-            data: bytes = field(repr=False)
-            mime: str
-            width: int
-            height: int
-            source_sha256: str = ""
-
-        images.EncodedImage = EncodedImage
-        sys.modules["vlmtag.images"] = images
 
 
 # --------------------------------------------------------------------------------------------------

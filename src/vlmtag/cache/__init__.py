@@ -9,16 +9,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vlmtag.cache.base import AnswerCache
+from vlmtag.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from vlmtag.cache.sqlite import SqliteAnswerCache
 
 __all__ = ["AnswerCache", "SqliteAnswerCache"]
 
-
-def __getattr__(name: str):
-    if name == "SqliteAnswerCache":
-        from vlmtag.cache.sqlite import SqliteAnswerCache
-
-        return SqliteAnswerCache
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, {"SqliteAnswerCache": "vlmtag.cache.sqlite"})

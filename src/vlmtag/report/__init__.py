@@ -17,8 +17,7 @@ export, stays quick to import, and the run can change without breaking it. It ma
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from vlmtag.lazy import lazy_exports
 
 # The page's limits, here so that `vlmtag report --help` needs nothing heavy.
 DEFAULT_MAX_GALLERY = 200
@@ -32,12 +31,8 @@ _EXPORTS = {
     "default_report_path": "vlmtag.report.html", "render": "vlmtag.report.html", "write_report": "vlmtag.report.html",
 }
 
-
-def __getattr__(name: str) -> Any:
-    # Thumbnails need OpenCV and an HTTP client: load them when a report is made, not when the CLI starts.
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'vlmtag.report' has no attribute {name!r}")
+# Thumbnails need OpenCV and an HTTP client: load them when a report is made, not when the CLI starts.
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "DEFAULT_MAX_FAILURES",
