@@ -20,7 +20,8 @@ from conftest import PHOTO_NAMES
 from vlmtag.io import open_dataset, open_writer
 from vlmtag.io.dataset import BYTES_KEY, ShardReadError
 from vlmtag.io.filesystem import RemoteUnavailable
-from vlmtag.io.webdataset import CorruptTar
+from vlmtag.io.webdataset import CorruptTar, webdataset_rows
+from vlmtag.rowkeys import INVALID_ROW_KEY
 
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 CAPTIONS = {
@@ -151,20 +152,24 @@ def test_truncated_tar_keeps_the_whole_samples_then_names_the_member(tmp_path, p
     cut.write_bytes(data[: third_jpg.offset_data + 1000])  # cut inside the third sample's image
     got: list[dict] = []
     with pytest.raises(CorruptTar) as e:
-        for batch in open_dataset(str(cut))[0].batches(1):
-            got.extend(batch)
+        for row in webdataset_rows(str(cut)):
+            got.append(row)
     assert [r["key"] for r in got] == ["000000000", "000000001"]
     assert isinstance(e.value, (ShardReadError, ValueError))
     assert "00007.tar" in str(e.value) and "000000002.jpg" in str(e.value)
+    # As a dataset shard, the damage becomes one unreadable row after the whole samples, in whatever batches.
+    rows = [r for batch in open_dataset(str(cut))[0].batches(1) for r in batch]
+    assert [r.get("key") for r in rows] == ["000000000", "000000001", None]
+    assert rows[2][INVALID_ROW_KEY]["shard"] == "00007.tar" and "000000002.jpg" in rows[2][INVALID_ROW_KEY]["error"]
 
     boundary = tmp_path / "00008.tar"  # cut exactly between two samples: no end-of-archive marker
     boundary.write_bytes(data[: third_jpg.offset])
     with pytest.raises(CorruptTar, match="00008.tar.*end-of-archive"):
-        rows_of(boundary)
+        list(webdataset_rows(str(boundary)))
 
     (tmp_path / "junk.tar").write_bytes(b"this is not a tar file" * 10)
     with pytest.raises(CorruptTar, match="junk.tar"):
-        rows_of(tmp_path / "junk.tar")
+        list(webdataset_rows(str(tmp_path / "junk.tar")))
 
 
 def test_tar_with_scattered_samples_is_refused_with_the_fix(tmp_path, photo_dir):
@@ -174,7 +179,7 @@ def test_tar_with_scattered_samples_is_refused_with_the_fix(tmp_path, photo_dir)
         for name in ("000000001.jpg", "000000000.txt", "000000001.json", "000000000.jpg"):
             add_member(tar, name, b"x")
     with pytest.raises(CorruptTar, match=r"000000001.*not next to each other.*tar --sort=name"):
-        rows_of(path)
+        list(webdataset_rows(str(path)))
 
 
 # ------------------------------------------------------------------------------------- Parquet image bytes

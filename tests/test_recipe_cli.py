@@ -183,7 +183,9 @@ def test_quick_tag_missing_path_is_a_clear_error(tmp_path, capsys):
     assert "no such file or folder" in capsys.readouterr().err
 
 
-def test_a_corrupt_tar_stops_the_run_with_one_line_and_keeps_finished_batches(tmp_path, photo_dir, capsys):
+def test_a_corrupt_tar_is_not_the_end_of_the_job(tmp_path, photo_dir, capsys, caplog):
+    """The whole samples before the damage are tagged, the damage is one unreadable row, the run completes with
+    a warning naming the shard, and a rerun does not loop on it."""
     import tarfile
 
     tar_path = tmp_path / "00000.tar"
@@ -193,12 +195,19 @@ def test_a_corrupt_tar_stops_the_run_with_one_line_and_keeps_finished_batches(tm
     data = tar_path.read_bytes()
     tar_path.write_bytes(data[: len(data) * 2 // 3])  # cut inside the last sample
     recipe = write_recipe(tmp_path, dataset_path=str(tar_path), export_path=str(tmp_path / "out.jsonl"))
-    assert main(["run", "--config", str(recipe), "--set", "op.batch_size=1"]) == 1
+    assert main(["run", "--config", str(recipe), "--set", "op.batch_size=1"]) == 0
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err
-    assert "run aborted" in captured.out and "00000.tar" in captured.out
-    chunks = list((tmp_path / ".vlmtag").rglob("chunks/*.jsonl"))
-    assert len(chunks) >= 1  # the whole samples before the damage were tagged and kept
+    assert "damaged shard" in caplog.text and "00000.tar" in caplog.text  # the warning line
+    assert "unreadable rows: 1 (first at 00000.tar: " in captured.out
+    rows = read_jsonl(tmp_path / "out.jsonl")
+    assert [r["images"] for r in rows[:2]] == [["00000.tar#000000000.jpg"], ["00000.tar#000000001.jpg"]]
+    assert all(r["__dj__meta__"]["image_tags"][0] for r in rows[:2])
+    assert "__vlmtag_invalid_row__" in rows[2] and "truncated" in rows[2]["__vlmtag_invalid_row__"]["error"]
+    stats = json.loads((tmp_path / "out.jsonl.stats.json").read_text())
+    assert stats["unreadable_rows"] == 1 and "000000002.jpg" in stats["first_unreadable"]
+    assert main(["run", "--config", str(recipe), "--set", "op.batch_size=1"]) == 0
+    assert "already complete" in capsys.readouterr().out
 
 
 def test_progress_goes_to_the_log_when_not_on_a_terminal(tmp_path, photo_dir, capsys, monkeypatch):

@@ -43,7 +43,8 @@ def _ends_with_newline(f) -> bool:
 
 
 def _describe(s: RunStats, rate: float) -> str:
-    return f"images {s.images_processed:,}  {rate:.1f} img/s  failed {s.failed:,}  cached {s.cached:,}"
+    unreadable = f"  unreadable rows {s.unreadable_rows:,}" if s.unreadable_rows else ""
+    return f"images {s.images_processed:,}  {rate:.1f} img/s  failed {s.failed:,}{unreadable}  cached {s.cached:,}"
 
 
 @contextlib.contextmanager

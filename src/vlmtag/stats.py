@@ -29,6 +29,8 @@ class TaggingStats:
 
     rows: int = 0
     rows_skipped: int = 0  # already had the tag field
+    rows_unreadable: int = 0  # kept in place with why they could not be read (not JSON, not UTF-8, damaged shard)
+    prompts_cut: int = 0  # texts longer than `max_text_chars`, cut in the prompt
     images: int = 0
     tagged: int = 0
     cached: int = 0  # answers taken from the cache (no request)
@@ -78,11 +80,14 @@ class RunStats:
     tagged: int = 0
     failed: int = 0
     failure_reasons: dict[str, int] = field(default_factory=dict)
+    unreadable_rows: int = 0  # rows kept in place that could not be read (their tags are [[]])
+    first_unreadable: str | None = None  # where the first one is and why, e.g. "in.jsonl line 3: invalid JSON ..."
     # this run
     rows_processed: int = 0  # rows this run finished (checkpointed)
     rows_resumed: int = 0  # done by an earlier, interrupted run of the same job
     rows_already_tagged: int = 0  # had the tag field in the input; kept as they were
     images_processed: int = 0
+    prompts_cut: int = 0  # sample texts cut to `max_text_chars` in the prompt
     cached: int = 0
     requests: int = 0
     retries: int = 0
@@ -107,7 +112,9 @@ class RunStats:
         """This run's counts from the operators' counters (`TaggingStats.as_dict()`): the one place their names
         are mapped. Until the export is written, its counts (tagged, failed, reasons) are this run's."""
         self.rows_already_tagged = counters.get("rows_skipped", 0)
+        self.unreadable_rows = counters.get("rows_unreadable", 0)
         self.images_processed = counters.get("images", 0)
+        self.prompts_cut = counters.get("prompts_cut", 0)
         for name in ("tagged", "failed", "cached", "requests", "retries", "prompt_tokens", "completion_tokens"):
             setattr(self, name, counters.get(name, 0))
         self.failure_reasons = dict(counters.get("failure_reasons") or {})

@@ -27,6 +27,8 @@ def render_summary(result: RunResult, console: Console, *, resume_command: str =
         ("images", f"{s.images:,}"),
         ("tagged", f"{s.tagged:,}"),
         ("failed", f"{s.failed:,}"),
+        *([("unreadable rows (kept, not tagged)", f"{s.unreadable_rows:,}")] if s.unreadable_rows else []),
+        *([("texts cut to max_text_chars", f"{s.prompts_cut:,}")] if s.prompts_cut else []),
         ("from cache", f"{s.cached:,}"),
         ("requests", f"{s.requests:,}"),
         ("retries", f"{s.retries:,}"),
@@ -40,6 +42,9 @@ def render_summary(result: RunResult, console: Console, *, resume_command: str =
     if s.rows_already_tagged:
         rows.insert(1, ("rows already tagged (kept)", f"{s.rows_already_tagged:,}"))
     console.print(_table(rows))
+    if s.unreadable_rows:
+        first = f" (first at {s.first_unreadable})" if s.first_unreadable else ""
+        console.print(f"unreadable rows: {s.unreadable_rows:,}{first}", markup=False, highlight=False)
     reasons = s.failure_reasons
     if reasons:
         console.print("top failure reasons:")

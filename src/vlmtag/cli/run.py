@@ -25,6 +25,8 @@ def add_parser(sub) -> None:
 def add_job_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the answer cache")
     p.add_argument("--overwrite", action="store_true", help="tag rows again even if they already have tags")
+    p.add_argument("--strict", action="store_true",
+                   help="stop (exit 2) before any request when a row cannot be read, instead of keeping it untagged")
 
 
 def check_limit(limit: int | None) -> None:
@@ -52,7 +54,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
         render_dry_run(dry_run_recipe(recipe, limit=args.limit), console)
         return 0
     with progress_reporter(console, _total_rows(recipe, args.limit)) as progress:
-        result = run_recipe(recipe, limit=args.limit, retry_failed=args.retry_failed, progress=progress)
+        result = run_recipe(recipe, limit=args.limit, retry_failed=args.retry_failed, progress=progress,
+                            strict=args.strict)
     render_summary(result, console, resume_command=args.command_line)
     return exit_status(result)
 

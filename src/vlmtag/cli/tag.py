@@ -49,6 +49,6 @@ def run(args: argparse.Namespace, console: Console) -> int:
     shard = inline_shard(args.paths, os.getcwd())
     with progress_reporter(console) as progress:
         result = run_job([op], [shard], args.output, use_cache=not args.no_cache, limit=args.limit,
-                         dataset_label=",".join(args.paths), progress=progress)
+                         dataset_label=",".join(args.paths), progress=progress, strict=args.strict)
     render_summary(result, console, resume_command=args.command_line)
     return exit_status(result)

@@ -308,6 +308,7 @@ class ApiEngine(Engine):
         self._headers = headers
         self._request_url = httpx.URL(self._url).copy_merge_params(dict(query or {})) if query else httpx.URL(self._url)
         self._timeouts = httpx.Timeout(self._timeout).as_dict()
+        self._origin = self._request_url.netloc.decode("ascii")  # host[:port], never credentials
         self._limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
         # Checked now so a bad rate fails at build time; the limiters themselves are made on the
         # engine's loop.
@@ -445,6 +446,9 @@ class ApiEngine(Engine):
                 return Response(error=f"timeout after {self._timeout:g}s", retryable=True)
             except httpx.RemoteProtocolError as e:
                 return Response(error=f"connection error: {self._describe(e)}", retryable=True)
+            except httpx.ConnectError as e:  # refused, or the name does not resolve: nobody answered at all
+                return Response(error=f"connection error: cannot connect to {self._origin}: {self._describe(e)}",
+                                retryable=True, unreachable=True)
             except (httpx.NetworkError, httpx.ProxyError) as e:
                 return Response(error=f"connection error: {self._describe(e)}", retryable=True)
             except httpx.HTTPError as e:  # bad URL, unsupported protocol, too many redirects...

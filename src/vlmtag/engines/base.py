@@ -61,6 +61,9 @@ class Response:
     retry_after: float | None = None
     status: int | None = None
     usage: Usage = field(default_factory=Usage)
+    #: The server could not be reached at all (connection refused, a name that does not resolve): a wrong
+    #: address, not a bad image. The operator stops the run when a whole first round is unreachable.
+    unreachable: bool = False
 
     @property
     def ok(self) -> bool:

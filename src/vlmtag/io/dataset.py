@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 from vlmtag.io import filesystem, folder, readers, webdataset
 from vlmtag.io.base import (
     FORMATS,
+    batched,
     IMAGE_EXTENSIONS,
     TAR_EXTENSIONS,
     ShardReadError,
@@ -33,13 +34,13 @@ from vlmtag.rowkeys import BYTES_KEY
 
 __all__ = ["BYTES_KEY", "IMAGE_EXTENSIONS", "READERS", "Shard", "ShardReadError", "kind_of", "open_dataset"]
 
-# The reader of each kind of shard: (path, batch_size) -> batches of rows. Every kind is listed here, once.
-READERS: dict[str, Callable[[str, int], Iterator[list[dict]]]] = {
-    "jsonl": readers.read_jsonl,
-    "json": readers.read_json_array,
-    "parquet": readers.read_parquet,
-    "webdataset": webdataset.read_webdataset,
-    "images": folder.read_image_folder,
+# The reader of each kind of shard: path -> its rows. Every kind is listed here, once.
+READERS: dict[str, Callable[[str], Iterator[dict]]] = {
+    "jsonl": readers.jsonl_rows,
+    "json": readers.json_array_rows,
+    "parquet": readers.parquet_rows,
+    "webdataset": webdataset.webdataset_rows,
+    "images": folder.image_folder_rows,
 }
 
 
@@ -55,9 +56,11 @@ class Shard:
         return filesystem.basename(self.path) or "root"
 
     def batches(self, batch_size: int) -> Iterator[list[dict]]:
+        """The shard's rows, `batch_size` at a time. A shard damaged part-way (a truncated tar, a JSON file that
+        does not parse) ends with one unreadable row saying where; the rows before it are all there."""
         if self.rows is not None:
             return self.rows(batch_size)
-        return READERS[self.kind](self.path, batch_size)
+        return batched(readers.guarded(READERS[self.kind](self.path), self.path), batch_size)
 
 
 def kind_of(path: str) -> str | None:

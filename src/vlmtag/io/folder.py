@@ -18,7 +18,7 @@ import os
 from typing import Iterator
 
 from vlmtag.io import filesystem
-from vlmtag.io.base import IMAGE_EXTENSIONS, batched
+from vlmtag.io.base import IMAGE_EXTENSIONS
 from vlmtag.rowkeys import BYTES_KEY
 
 
@@ -46,11 +46,9 @@ def _remote_images(folder: str) -> Iterator[tuple[str, str]]:
             yield rel, url
 
 
-def read_image_folder(path: str, batch_size: int) -> Iterator[list[dict]]:
+def image_folder_rows(path: str) -> Iterator[dict]:
     if filesystem.is_remote(path):
         fs, inner = filesystem.filesystem(path)
         base = fs.unstrip_protocol(inner).rstrip("/")
-        rows = ({"images": [rel], BYTES_KEY: [filesystem.read_bytes(url)]} for rel, url in _remote_images(base))
-    else:
-        rows = ({"images": [rel]} for rel in image_paths(path))
-    return batched(rows, batch_size)
+        return ({"images": [rel], BYTES_KEY: [filesystem.read_bytes(url)]} for rel, url in _remote_images(base))
+    return ({"images": [rel]} for rel in image_paths(path))

@@ -1,7 +1,10 @@
 """Reading rows in batches from JSONL, JSON (an array, as Data-Juicer writes it) and Parquet.
 
 Files are opened with `filesystem.open_input`: plain `open` locally, fsspec for URLs. JSONL and Parquet stream
-(a line / a row group at a time); a JSON array is read whole (such files are small by nature).
+(a line / a row group at a time); a JSON array is read whole (such files are small by nature). Text is UTF-8, a
+leading byte-order mark skipped; anything else is an error naming the file and the byte offset, never a guess.
+Every reader yields rows; `dataset.Shard.batches` batches them and ends a damaged shard with one unreadable row
+(`guarded`), so the run goes on.
 
 Parquet image columns holding bytes, as Hugging Face `datasets` writes its `Image` feature: a struct with a
 binary `bytes` field (and usually a string `path`), one per row, or a list of them. They are found from the
@@ -21,75 +24,121 @@ row is left alone: the file says where its images are.
 
 from __future__ import annotations
 
+import codecs
 import json
+import logging
 from typing import Iterator
 
 from vlmtag.io import filesystem
-from vlmtag.io.base import batched, format_of
+from vlmtag.io.base import ShardReadError, batched, format_of
 from vlmtag.rowkeys import BYTES_KEY, INVALID_ROW_KEY
+
+log = logging.getLogger(__name__)
 
 
 def read_batches(path: str, batch_size: int) -> Iterator[list[dict]]:
-    fmt = format_of(path)
-    if fmt == "jsonl":
-        return read_jsonl(path, batch_size)
-    if fmt == "json":
-        return read_json_array(path, batch_size)
-    return read_parquet(path, batch_size)
+    """The rows of one data file (an export, say), `batch_size` at a time; a damaged file raises
+    `ShardReadError`."""
+    rows = {"jsonl": jsonl_rows, "json": json_array_rows, "parquet": parquet_rows}[format_of(path)](path)
+    return batched(rows, batch_size)
 
 
-def _chunks(rows: list[dict], batch_size: int) -> Iterator[list[dict]]:
-    for start in range(0, len(rows), batch_size):
-        yield rows[start : start + batch_size]
-
-
-def read_jsonl(path: str, batch_size: int) -> Iterator[list[dict]]:
-    return batched(_jsonl_rows(path), batch_size)
-
-
-def _jsonl_rows(path: str) -> Iterator[dict]:
-    with filesystem.open_input(path, "r") as f:
-        for lineno, line in enumerate(f, 1):
+def jsonl_rows(path: str) -> Iterator[dict]:
+    """One row per non-blank line. A line that is not UTF-8 or not a JSON object is kept, in place, as an
+    unreadable row saying why (no input row is ever lost, and nothing is guessed or replaced). A byte-order mark
+    at the start of the file (Notepad, Excel, PowerShell 5 write one) is skipped."""
+    offset = 0  # of the line in the file, in bytes
+    with filesystem.open_input(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            start, offset = offset, offset + len(raw)
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw, start = raw[len(codecs.BOM_UTF8):], start + len(codecs.BOM_UTF8)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield unreadable_row(lineno, raw.decode("utf-8", "backslashreplace").rstrip("\r\n"),
+                                     not_utf8(path, raw, start, e))
+                continue
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except ValueError as e:
-                row = None
-                reason = f"invalid JSON on line {lineno}: {e}"
-            else:
-                reason = f"line {lineno} is not a JSON object"
+                yield unreadable_row(lineno, line.rstrip("\r\n"), f"invalid JSON on line {lineno}: {e}")
+                continue
             if not isinstance(row, dict):
-                # Keep the line, so no input row is ever lost; the row carries why it was not tagged.
-                row = {INVALID_ROW_KEY: {"line": lineno, "text": line.rstrip("\n"), "error": reason}}
+                yield unreadable_row(lineno, line.rstrip("\r\n"), f"line {lineno} is not a JSON object")
+                continue
             yield row
 
 
-def read_json_array(path: str, batch_size: int) -> Iterator[list[dict]]:
-    with filesystem.open_input(path, "r") as f:
-        data = json.load(f)
+def unreadable_row(lineno: int, text: str, reason: str) -> dict:
+    return {INVALID_ROW_KEY: {"line": lineno, "text": text, "error": reason}}
+
+
+def not_utf8(path: str, raw: bytes, start: int, e: UnicodeDecodeError) -> str:
+    """Where a file stops being UTF-8: the file, the byte and its offset in the file."""
+    return (f"{filesystem.basename(path)} is not UTF-8: byte 0x{raw[e.start]:02x} at byte offset {start + e.start} "
+            "of the file (save it as UTF-8)")
+
+
+def json_array_rows(path: str) -> Iterator[dict]:
+    """The objects of a JSON array (as Data-Juicer writes it), read whole: such files are small by nature. An
+    element that is not an object is kept as an unreadable row."""
+    with filesystem.open_input(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark is skipped
+    except UnicodeDecodeError as e:
+        raise ShardReadError(f"{path}: {not_utf8(path, raw, 0, e)}") from None
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise ShardReadError(f"{path}: not valid JSON: {e}") from None
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON array of objects")
-    rows = [r if isinstance(r, dict) else {INVALID_ROW_KEY: {"index": i, "value": r, "error": "not a JSON object"}}
-            for i, r in enumerate(data)]
-    yield from _chunks(rows, batch_size)
+        raise ShardReadError(f"{path}: expected a JSON array of objects, got {type(data).__name__}")
+    for i, r in enumerate(data):
+        yield r if isinstance(r, dict) else {INVALID_ROW_KEY: {"index": i, "value": r, "error": "not a JSON object"}}
 
 
-def read_parquet(path: str, batch_size: int) -> Iterator[list[dict]]:
+def parquet_rows(path: str) -> Iterator[dict]:
+    """Row group by row group. A row group that cannot be read is skipped, and each of its rows is kept as an
+    unreadable row (the file's metadata says how many there were), so rows in = rows out."""
     import pyarrow.parquet as pq
 
     with filesystem.open_input(path, "rb") as f, pq.ParquetFile(f) as pf:
         attach = _image_columns(pf.schema_arrow, filesystem.basename(path))
         start = 0
-        for record_batch in pf.iter_batches(batch_size=batch_size):
-            rows = record_batch.to_pylist()
-            if attach is not None:
-                for offset, row in enumerate(rows):
-                    attach(row, start + offset)
-            start += len(rows)
-            yield rows
+        for group in range(pf.num_row_groups):
+            expected = pf.metadata.row_group(group).num_rows
+            done = 0
+            try:
+                for record_batch in pf.iter_batches(batch_size=1024, row_groups=[group]):
+                    for row in record_batch.to_pylist():
+                        if attach is not None:
+                            attach(row, start + done)
+                        done += 1
+                        yield row
+            except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid/ArrowIOError are among these
+                reason = f"{filesystem.basename(path)}: row group {group} cannot be read: {str(e).splitlines()[0]}"
+                log.warning("%s; its %d rows are kept as unreadable rows", reason, expected - done)
+                for k in range(done, expected):
+                    yield {INVALID_ROW_KEY: {"row": start + k, "error": reason}}
+            start += expected
+
+
+def guarded(rows: Iterator[dict], path: str) -> Iterator[dict]:
+    """`rows`, and when the file turns out to be damaged (`ShardReadError`), one unreadable row saying where:
+    the rows before the damage go on to be tagged, the run goes on with the next shard, and a rerun reads the same
+    rows again (it never loops on the damage)."""
+    try:
+        yield from rows
+    except ShardReadError as e:
+        log.warning("damaged shard: %s; the rows before the damage are kept, the rest is recorded as one unreadable "
+                    "row", e)
+        yield {INVALID_ROW_KEY: {"shard": filesystem.basename(path), "error": str(e)}}
 
 
 def _is_image_struct(t) -> bool:

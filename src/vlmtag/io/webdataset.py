@@ -21,7 +21,9 @@ Members of a sample must be next to each other, as WebDataset requires; a tar ma
 says how to rebuild the tar, rather than rows silently split in two.
 
 A truncated or corrupt tar: every sample finished before the damage is yielded, then `CorruptTar` (a
-`ValueError`) names the tar and the member being read. The sample being read is not yielded, since it may be
+`ShardReadError`) names the tar and the member being read (the dataset layer records it as an unreadable row and
+goes on). `.txt` members are UTF-8 (a byte-order mark is skipped); one that is not is said in the row's
+`INVALID_ROW_KEY`, and `.json` members are read as `json` reads bytes (UTF-8, -16 or -32, BOM or not). The sample being read is not yielded, since it may be
 missing members. A tar must end with its end-of-archive marker (every tar writer puts one), so a tar cut
 exactly between two members is an error too, not a shorter shard.
 """
@@ -36,7 +38,7 @@ import zlib
 from typing import Iterator
 
 from vlmtag.io import filesystem
-from vlmtag.io.base import IMAGE_EXTENSIONS, ShardReadError, batched
+from vlmtag.io.base import IMAGE_EXTENSIONS, ShardReadError
 from vlmtag.rowkeys import BYTES_KEY, INVALID_ROW_KEY
 
 
@@ -51,9 +53,9 @@ def _split(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext
 
 
-def read_webdataset(path: str, batch_size: int) -> Iterator[list[dict]]:
-    """Rows of one WebDataset tar (plain or compressed), `batch_size` at a time."""
-    return batched(_samples(path, filesystem.basename(path)), batch_size)
+def webdataset_rows(path: str) -> Iterator[dict]:
+    """Rows of one WebDataset tar (plain or compressed), one per sample."""
+    return _samples(path, filesystem.basename(path))
 
 
 def _samples(path: str, tar_name: str) -> Iterator[dict]:
@@ -175,7 +177,11 @@ def _row(tar_name: str, members: list[tuple[str, str, bytes]]) -> dict:
             else:
                 row[INVALID_ROW_KEY] = {"member": f"{tar_name}#{name}", "error": reason}
         elif ext == "txt":
-            text = payload.decode("utf-8", errors="replace")
+            try:
+                text = payload.decode("utf-8-sig")  # a byte-order mark is skipped
+            except UnicodeDecodeError as e:  # kept out of the prompt, and said, rather than guessed
+                row[INVALID_ROW_KEY] = {"member": f"{tar_name}#{name}", "error": (
+                    f"not UTF-8: byte 0x{payload[e.start]:02x} at byte offset {e.start} of the member")}
         elif os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
             images.append(f"{tar_name}#{name}")
             data.append(payload)

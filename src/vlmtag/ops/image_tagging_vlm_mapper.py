@@ -29,7 +29,7 @@ from vlmtag.ops.options import DATA_JUICER_OP_ARGS, TaggerArguments, resolve_eng
 from vlmtag.ops.registry import register
 from vlmtag.ops.requests import RequestRunner
 from vlmtag.prompts import DEFAULT_INPUT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, clean_text, fill_template
-from vlmtag.rowkeys import BYTES_KEY, META_KEY, error_field, unmapped_field
+from vlmtag.rowkeys import BYTES_KEY, INVALID_ROW_KEY, META_KEY, error_field, unmapped_field
 from vlmtag.stats import TaggingStats
 from vlmtag.tags import TagParseError, parse_output, tags_json_schema
 
@@ -52,6 +52,16 @@ class Gathered:
     requests: list[tuple[int, str]]  # distinct (index in `sources`, prompt)
     slots: list[tuple[int, int, int]]  # (row, position in its images, index in `requests`)
     skipped: int  # rows left as they are (already tagged and no `overwrite`, or a meta that is not a dict)
+    prompts_cut: int = 0  # rows whose text was longer than `max_text_chars`
+
+
+@dataclass
+class BatchWork:
+    """What tagging a batch of rows would send (batch mode, `vlmtag.batch`): each request under its cache key,
+    which is stable across runs and so serves as a Batch API line's `custom_id`."""
+
+    requests: dict[str, Request]  # cache key -> the request, for the image+prompts the cache cannot answer
+    keys: list[list[str | None]]  # per row, per image: its cache key (None: unreadable, or the row is skipped)
 
 
 @dataclass
@@ -296,6 +306,7 @@ class ImageTaggingVLMMapper:
     def process_rows(self, rows: list[dict], *, base_dir: str | None = None) -> list[dict]:
         """Tag a list of row dicts (the executors' form); each row keeps exactly its own keys, plus the meta."""
         metas = self._tag(self.gather_rows(rows, base_dir), base_dir)
+        self.stats.add(rows_unreadable=sum(INVALID_ROW_KEY in row for row in rows))
         for row, meta in zip(rows, metas):
             row[META_KEY] = meta
         return rows
@@ -342,7 +353,10 @@ class ImageTaggingVLMMapper:
                 meta[self.unmapped_field_name] = [[] for _ in meta[self.tag_field_name]]
             if not row_images:
                 continue
-            prompt = fill_template(self.input_template, clean_text(texts[i], tokens))
+            text = clean_text(texts[i], tokens)
+            if len(text) > o.max_text_chars:  # a 1 MB caption would cost tokens and may not fit the context
+                text, g.prompts_cut = text[: o.max_text_chars], g.prompts_cut + 1
+            prompt = fill_template(self.input_template, text)
             for j, path in enumerate(row_images):
                 raw = row_bytes[j] if j < len(row_bytes) and row_bytes[j] is not None else None
                 source, key = source_and_key(path, raw, base_dir, (i, j))
@@ -357,7 +371,7 @@ class ImageTaggingVLMMapper:
 
     def _tag(self, g: Gathered, base_dir: str | None) -> list[Any]:
         """The new meta column for a gathered batch: each row's meta with its tag and error fields set."""
-        self.stats.add(rows=len(g.metas), rows_skipped=g.skipped, images=len(g.slots))
+        self.stats.add(rows=len(g.metas), rows_skipped=g.skipped, images=len(g.slots), prompts_cut=g.prompts_cut)
         outcomes = self._answer(g.sources, g.requests, base_dir)
         done = [k for k, o in enumerate(outcomes) if o.tags is not None]
         for k, (tags, unmapped) in zip(done, self._finish([outcomes[k].tags for k in done])):

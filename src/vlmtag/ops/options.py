@@ -60,6 +60,12 @@ class TaggerOptions(BaseModel):
                                                      "at most 2 per core")
     fetch_timeout: float = Field(30.0, gt=0, description="seconds to read an image URL")
     max_image_bytes: int = Field(50 * 1024 * 1024, ge=1)
+    # The model's geometry and prompt limits, checked before a request is paid for.
+    max_aspect_ratio: float = Field(200.0, ge=1, description="longer side / shorter side the model accepts "
+                                    "(Qwen2.5-VL's processor refuses more than 200)")
+    min_image_side: int = Field(1, ge=1, description="pixels; an image with a shorter side is not sent")
+    pad_to_aspect: bool = Field(False, description="pad an image beyond max_aspect_ratio instead of refusing it")
+    max_text_chars: int = Field(4000, ge=0, description="characters of the sample's text put in the prompt")
 
 
 # Every argument of the operator, Data-Juicer's and ours, validated together.

@@ -41,6 +41,7 @@ class RequestRunner:
         self.pricing = pricing
         self.stats = stats
         self._breaker = FailFast()
+        self._reached = False  # some request got through to the server (or the first round is still out)
         self._budget_lock = threading.Condition()
         self._reserved = 0.0
 
@@ -72,6 +73,7 @@ class RequestRunner:
                     retry_after = max(retry_after, min(resp.retry_after or 0.0, MAX_RETRY_AFTER))
                 else:
                     errors[k] = self._failed(resp, attempts[k])
+            self._check_reachable(responses)
             if self.fail_fast:
                 self._breaker.check()
             pending = still
@@ -103,6 +105,20 @@ class RequestRunner:
                     self._reserved -= reserved
                     self._budget_lock.notify_all()
         return responses
+
+    def _check_reachable(self, responses: Sequence[Response | None]) -> None:
+        """A first round in which no request reached the server is a wrong address, as certain a configuration
+        error as a 401: stop (the run can resume once the address is fixed) instead of failing every image.
+        A server that goes away later gives per-image errors as any other failure."""
+        if self._reached:
+            return
+        if responses and all(r is not None and r.unreachable for r in responses):
+            if self.fail_fast:
+                error = responses[0].error or "connection error"
+                raise RunAborted(f"{error}; no request of the first round reached the server: check the address "
+                                 "(model_params.base_url, or --api-base)")
+            return
+        self._reached = True
 
     def _reserve(self, requests: Sequence[Request]) -> float:
         """Stop before a round that could take the run past `max_cost`; else reserve its cost until the round

@@ -25,7 +25,7 @@ from vlmtag.jobs import Job
 from vlmtag.ops.base import Operator, Pipeline
 from vlmtag.run.execute import ProgressCallback, RowFilter, execute
 from vlmtag.run.finalize import finalize
-from vlmtag.run.plan import Plan, iter_batches, job_identity, plan
+from vlmtag.run.plan import Plan, count_unreadable, iter_batches, job_identity, plan
 from vlmtag.run.retry import retry_shards, without_failures
 from vlmtag.stats import RunStats
 
@@ -73,11 +73,17 @@ def run_job(
     mode: str = "tag",
     progress: ProgressCallback | None = None,
     executor: Executor | None = None,
+    strict: bool = False,
 ) -> RunResult:
-    """Tag `shards` into `export_path`, resuming a job with the same identity if one was interrupted."""
+    """Tag `shards` into `export_path`, resuming a job with the same identity if one was interrupted. `strict`:
+    a row that cannot be read is an error before any request, instead of a row kept in place."""
     pipeline = ops if isinstance(ops, Pipeline) else Pipeline(ops)
     executor = executor or LocalExecutor()
     the_plan = plan(shards, export_path, export_type=export_type, work_dir=work_dir)
+    if strict:
+        count, first = count_unreadable(shards, pipeline.batch_size, limit)
+        if count:
+            raise ConfigError(f"--strict: unreadable rows: {count:,} (first at {first})")
     job = Job(the_plan.state_root, job_identity(the_plan, pipeline, mode=mode, limit=limit))
     previous = _finished_run(the_plan, job)
     if previous is not None:
@@ -141,6 +147,7 @@ def run_recipe(
     limit: int | None = None,
     retry_failed: bool = False,
     progress: ProgressCallback | None = None,
+    strict: bool = False,
 ) -> RunResult:
     pipeline = Pipeline(build_ops(recipe))
     if retry_failed:
@@ -166,4 +173,5 @@ def run_recipe(
         progress=progress,
         executor=choose_executor(pipeline, executor_type=recipe.executor_type, np=recipe.np,
                                  ray_address=recipe.ray_address),
+        strict=strict,
     )

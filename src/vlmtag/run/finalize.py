@@ -10,7 +10,7 @@ from vlmtag import __version__
 from vlmtag.io import open_writer
 from vlmtag.jobs import Job
 from vlmtag.ops.base import Pipeline
-from vlmtag.rowkeys import META_KEY, error_field
+from vlmtag.rowkeys import INVALID_ROW_KEY, META_KEY, error_field
 from vlmtag.run.plan import Plan
 from vlmtag.stats import RunStats, reason_kind
 
@@ -20,12 +20,17 @@ class OutputCounts:
 
     def __init__(self, tag_fields: Iterable[str]) -> None:
         self.fields = [(field, error_field(field)) for field in tag_fields]
-        self.rows = self.images = self.tagged = self.failed = 0
+        self.rows = self.images = self.tagged = self.failed = self.unreadable = 0
+        self.first_unreadable: str | None = None
         self.reasons: dict[str, int] = {}
 
-    def add(self, rows: Iterable[dict]) -> None:
+    def add(self, rows: Iterable[dict], shard_name: str = "") -> None:
         for row in rows:
             self.rows += 1
+            if INVALID_ROW_KEY in row:
+                self.unreadable += 1
+                if self.first_unreadable is None:
+                    self.first_unreadable = describe_unreadable(row[INVALID_ROW_KEY], shard_name)
             meta = row.get(META_KEY)
             if not isinstance(meta, dict):
                 continue
@@ -45,7 +50,17 @@ class OutputCounts:
     def fill(self, stats: RunStats) -> None:
         stats.rows, stats.images, stats.tagged, stats.failed = self.rows, self.images, self.tagged, self.failed
         stats.failure_reasons = dict(sorted(self.reasons.items(), key=lambda kv: -kv[1]))
+        stats.unreadable_rows, stats.first_unreadable = self.unreadable, self.first_unreadable
         stats.rows_written = self.rows
+
+
+def describe_unreadable(info: object, shard_name: str) -> str:
+    """Where an unreadable row is and why, for a person: `in.jsonl line 3: invalid JSON ...`."""
+    if not isinstance(info, dict):
+        return f"{shard_name}: {info}"
+    where = next((f"{key} {info[key]}" for key in ("line", "index", "row") if key in info), None)
+    where = info.get("member") or (f"{shard_name} {where}" if where else info.get("shard") or shard_name)
+    return f"{where}: {info.get('error', 'unreadable')}"
 
 
 def write_export(the_plan: Plan, job: Job, tag_fields: Iterable[str]) -> OutputCounts:
@@ -55,7 +70,7 @@ def write_export(the_plan: Plan, job: Job, tag_fields: Iterable[str]) -> OutputC
         with open_writer(out) as writer:
             for s in indices:
                 for rows in job.read_shard(s):
-                    counts.add(rows)
+                    counts.add(rows, the_plan.shards[s].name)
                     writer.write(rows)
     return counts
 

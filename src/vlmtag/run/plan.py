@@ -11,6 +11,7 @@ from vlmtag.errors import ConfigError
 from vlmtag.io import Shard, UnsupportedFormat, format_of
 from vlmtag.io.base import FORMATS
 from vlmtag.ops.base import Pipeline
+from vlmtag.rowkeys import INVALID_ROW_KEY
 
 STATE_DIR = ".vlmtag"
 
@@ -94,6 +95,20 @@ def iter_batches(shards: list[Shard], batch_size: int, limit: int | None) -> Ite
                 rows = rows[:left]
                 left -= len(rows)
             yield s, b, rows
+
+
+def count_unreadable(shards: list[Shard], batch_size: int, limit: int | None) -> tuple[int, str | None]:
+    """Rows the run would keep as unreadable, and where the first one is (a read of the whole input, for
+    `--strict`, before any request is sent)."""
+    from vlmtag.run.finalize import describe_unreadable
+
+    count, first = 0, None
+    for s, _, rows in iter_batches(shards, batch_size, limit):
+        for row in rows:
+            if INVALID_ROW_KEY in row:
+                count += 1
+                first = first or describe_unreadable(row[INVALID_ROW_KEY], shards[s].name)
+    return count, first
 
 
 def job_identity(the_plan: Plan, pipeline: Pipeline, *, mode: str, limit: int | None) -> dict:
