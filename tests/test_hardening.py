@@ -3,7 +3,9 @@ and a wrong address stops the run. Every input is generated here (no download)."
 
 from __future__ import annotations
 
+import base64
 import codecs
+import io
 import json
 from pathlib import Path
 
@@ -40,6 +42,12 @@ def recipe(tmp_path: Path, data: Path, base_url: str, **op) -> Path:
                                         "api_or_hf_model": "m", "is_api_model": True, "retry_backoff": 0.01,
                                         "model_params": {"base_url": base_url, "api_key": "k"}, **op}}]}))
     return path
+
+
+def sent_size(body: dict) -> tuple[int, int]:
+    """The size of the image a request carried (its data: URL)."""
+    url = body["messages"][-1]["content"][1]["image_url"]["url"]
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).size
 
 
 def export(tmp_path: Path) -> list[dict]:
@@ -149,3 +157,65 @@ def test_an_endpoint_that_refuses_connections_stops_the_run_after_one_round(tmp_
     assert f"run aborted: connection error: cannot connect to {host}" in out
     assert "no request of the first round reached the server: check the address" in out
     assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.parametrize("size", [(1, 20_000), (20_000, 1)])
+def test_an_image_beyond_the_models_aspect_ratio_costs_no_request(tmp_path, server, size):
+    Image.new("RGB", size, (200, 30, 30)).save(tmp_path / "long.png")
+    Image.new("RGB", (40, 30), (30, 30, 200)).save(tmp_path / "ok.png")
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"images": ["long.png", "ok.png"], "text": "say: fine"}) + "\n")
+    assert main(["-q", "run", "--config", str(recipe(tmp_path, data, server.base_url))]) == 0
+    [row] = export(tmp_path)
+    assert row[META_KEY]["image_tags"] == [[], ["fine"]]
+    assert row[META_KEY]["image_tags_errors"][0] == (
+        f"aspect ratio 20,000:1 ({size[0]}x{size[1]}) is beyond the model's 200:1 (max_aspect_ratio); set "
+        "pad_to_aspect: true to pad it instead")
+    assert server.count == 1  # only the good image was sent
+
+    server.reset()
+    padded = recipe(tmp_path, data, server.base_url, pad_to_aspect=True)
+    assert main(["-q", "run", "--config", str(padded)]) == 0
+    [row] = export(tmp_path)
+    assert row[META_KEY]["image_tags"] == [["fine"], ["fine"]] and row[META_KEY]["image_tags_errors"] == [None, None]
+    sizes = [sent_size(r.body) for r in server.requests]
+    [(w, h)] = [size for size in sizes if size != (40, 30)]
+    assert max(w, h) / min(w, h) <= 200 and max(w, h) <= 20_000
+
+
+def test_an_icc_profile_zlib_bomb_is_named_as_such(tmp_path, server):
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "plain.png")
+    png = (tmp_path / "plain.png").read_bytes()
+    icc = b"prof\x00\x00" + zlib.compress(b"\x00" * (64 << 20), 9)
+    (tmp_path / "bomb.png").write_bytes(png[:33] + chunk(b"iCCP", icc) + png[33:])  # after IHDR
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"images": ["bomb.png", "plain.png"], "text": "say: ok"}) + "\n")
+    assert main(["-q", "run", "--config", str(recipe(tmp_path, data, server.base_url))]) == 0
+    [row] = export(tmp_path)
+    assert row[META_KEY]["image_tags_errors"][0] == (
+        f"ICC profile too large ({len(icc):,} bytes compressed, past Pillow's safety limit when expanded): refused "
+        "before decoding")
+    assert row[META_KEY]["image_tags"] == [[], ["ok"]]
+
+
+def test_eight_near_limit_pngs_in_one_batch_stay_under_the_memory_budget(tmp_path, server):
+    """Eight 88-megapixel RGBA PNGs, 32 image threads: decodes share one memory budget (2 GiB by default), so
+    the whole run's peak RSS, measured on the child process, stays under 2.5 GiB (it was 6.6 GiB without)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from p5_decode_memory import peak_rss, write_images
+
+    write_images(tmp_path, 8)
+    (tmp_path / "rows.jsonl").write_text("".join(
+        json.dumps({"images": [f"big{i}.png"], "text": f"say: b{i}"}) + "\n" for i in range(8)))
+    src = Path(__file__).resolve().parent.parent / "src"
+    assert peak_rss(src, tmp_path, server.base_url) < 2.5
+    rows = [json.loads(x) for x in (tmp_path / "out" / "o.jsonl").read_text().splitlines()]
+    assert [r[META_KEY]["image_tags"] for r in rows] == [[[f"b{i}"]] for i in range(8)]

@@ -38,6 +38,7 @@ from PIL import Image, UnidentifiedImageError
 from vlmtag.defaults import DEFAULT_MAX_PIXELS
 from vlmtag.images.encoded import EncodedImage
 from vlmtag.images.fetch import FetchLimits, ImageError, read_source
+from vlmtag.images.memory import DecodeBudget, process_budget
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -93,11 +94,19 @@ def prepare_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_source_pixels: int = MAX_SOURCE_PIXELS,
     sha256: str | None = None,
+    max_aspect_ratio: float | None = None,
+    min_side: int = 1,
+    pad_to_aspect: bool = False,
+    budget: DecodeBudget | None = None,
 ) -> EncodedImage:
     """Decode ``raw``, apply EXIF orientation, convert to RGB, downscale to at most ``max_pixels``, encode once.
 
     ``sha256``: the hex digest of ``raw`` when the caller has it already (hashing a large photo again costs
-    milliseconds); computed otherwise.
+    milliseconds); computed otherwise. The model's geometry is checked from the header, before decoding: an image
+    whose sides differ by more than ``max_aspect_ratio`` (Qwen2.5-VL's processor refuses past 200:1), or whose
+    shorter side is under ``min_side`` pixels, is an ``ImageError``; with ``pad_to_aspect`` a too-long image is
+    padded with white to that ratio instead. Decodes hold their estimated memory from ``budget`` (by default the
+    process's, see ``memory.py``).
     """
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be at least 1, got {max_pixels}")
@@ -106,14 +115,56 @@ def prepare_image(
         raise ImageError("empty file")
     digest = sha256 or hashlib.sha256(raw).hexdigest()
     im = _open(raw, max_source_pixels)
-    if im.format in ("JPEG", "MPO"):
-        done = _prepare_jpeg(raw, im, max_pixels)
+    pad = _check_geometry(*im.size, max_aspect_ratio, min_side, pad_to_aspect)
+    budget = budget or process_budget()
+    if im.format in ("JPEG", "MPO") and not pad:
+        done = _prepare_jpeg(raw, im, max_pixels, budget)
         if done is not None:
             data, width, height = done
             return EncodedImage(data, "image/jpeg", width, height, digest)
-    arr = _decode_with_pillow(im, max_pixels)
+    with budget.reserve(_decoded_bytes(im, max_pixels)):
+        arr = _decode_with_pillow(im, max_pixels)
+    if pad:
+        # 2% spare, so that rounding in the downscale after padding cannot take the ratio back over the limit
+        arr = _pad(arr, 0.98 * (max_aspect_ratio or 1.0))
+        arr = _pad(_resize(arr, *target_size(arr.shape[1], arr.shape[0], max_pixels)), max_aspect_ratio or 1.0)
     data = _encode(arr)
     return EncodedImage(data, "image/jpeg", arr.shape[1], arr.shape[0], digest)
+
+
+def _check_geometry(width: int, height: int, max_aspect_ratio: float | None, min_side: int, pad: bool) -> bool:
+    """True when the image must be padded to `max_aspect_ratio`; an ImageError when the model cannot take it."""
+    short, long = sorted((width, height))
+    if max_aspect_ratio is not None and long > max_aspect_ratio * short:
+        if pad:
+            return True
+        raise ImageError(f"aspect ratio {long / short:,.0f}:1 ({width}x{height}) is beyond the model's "
+                         f"{max_aspect_ratio:g}:1 (max_aspect_ratio); set pad_to_aspect: true to pad it instead")
+    if short < min_side:
+        raise ImageError(f"image too small: {width}x{height}, a side under {min_side} pixels (min_image_side)")
+    return False
+
+
+def _pad(arr: np.ndarray, max_aspect_ratio: float) -> np.ndarray:
+    """White bands on both sides of the shorter dimension, up to `max_aspect_ratio`."""
+    h, w = arr.shape[:2]
+    if w >= h:
+        need = math.ceil(w / max_aspect_ratio) - h
+        before = need // 2
+        return np.pad(arr, ((before, need - before), (0, 0), (0, 0)), constant_values=255) if need > 0 else arr
+    need = math.ceil(h / max_aspect_ratio) - w
+    before = need // 2
+    return np.pad(arr, ((0, 0), (before, need - before), (0, 0)), constant_values=255) if need > 0 else arr
+
+
+def _decoded_bytes(im: Image.Image, max_pixels: int) -> int:
+    """What decoding `im` on the Pillow path may hold at its peak, from the header: the decoded pixels, one
+    converted copy (RGB, or premultiplied alpha before the reduction), and the small result."""
+    width, height = im.size
+    bands = len(im.getbands())
+    depth = 2 if im.mode.startswith("I;16") else 4 if im.mode in ("I", "F") else 1
+    tw, th = target_size(width, height, max_pixels)
+    return width * height * (bands * depth + 4) + tw * th * 6
 
 
 def load_image(
@@ -147,7 +198,7 @@ def _open(raw: bytes, max_source_pixels: int) -> Image.Image:
     except UnidentifiedImageError:
         raise ImageError("not an image (cannot identify format)") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
-        raise _decode_error(e) from None
+        raise _decode_error(e, raw) from None
     if im.format not in ALLOWED_FORMATS:
         raise ImageError(f"unsupported image format {im.format}")
     width, height = im.size
@@ -161,12 +212,31 @@ def _open(raw: bytes, max_source_pixels: int) -> Image.Image:
     return im
 
 
-def _decode_error(e: BaseException) -> ImageError:
+def _decode_error(e: BaseException, raw: bytes = b"") -> ImageError:
     text = str(e)
     if "truncated" in text or isinstance(e, EOFError) or "premature end" in text.lower():
         return ImageError("truncated image")
+    if "Decompressed data too large" in text:  # a zlib bomb in a PNG metadata chunk; the pixels may be fine
+        chunk, size = _largest_png_chunk(raw, (b"iCCP", b"zTXt", b"iTXt"))
+        what = "ICC profile" if chunk == b"iCCP" else "compressed text chunk"
+        return ImageError(f"{what} too large ({size:,} bytes compressed, past Pillow's safety limit when "
+                          "expanded): refused before decoding")
     text = text.strip() or type(e).__name__
     return ImageError(f"corrupt image ({text[:100]})")
+
+
+def _largest_png_chunk(raw: bytes, kinds: tuple[bytes, ...]) -> tuple[bytes, int]:
+    """The largest chunk of one of `kinds` in a PNG, and its length (0 when there is none)."""
+    best, size, pos = b"", 0, 8
+    while pos + 8 <= len(raw):
+        length = int.from_bytes(raw[pos : pos + 4], "big")
+        kind = raw[pos + 4 : pos + 8]
+        if kind in kinds and length > size:
+            best, size = kind, length
+        if kind == b"IEND":
+            break
+        pos += 12 + length
+    return best, size
 
 
 def _orientation(im: Image.Image) -> int:
@@ -187,7 +257,8 @@ def _has_exif(im: Image.Image) -> bool:
 # ---------------------------------------------------------------------------------------------- JPEG fast path
 
 
-def _prepare_jpeg(raw: bytes, im: Image.Image, max_pixels: int) -> tuple[bytes, int, int] | None:
+def _prepare_jpeg(raw: bytes, im: Image.Image, max_pixels: int,
+                  budget: DecodeBudget) -> tuple[bytes, int, int] | None:
     """libjpeg-turbo decode at reduced DCT scale; None when Pillow should take over (CMYK, warnings, ...)."""
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(raw)
@@ -212,11 +283,12 @@ def _prepare_jpeg(raw: bytes, im: Image.Image, max_pixels: int) -> tuple[bytes, 
         return raw, width, height
     tw, th = target_size(width, height, max_pixels)
     dw, dh = _jpeg_decode_size(width, height, tw, th)
-    try:
-        arr = simplejpeg.decode_jpeg(raw, colorspace="RGB", min_width=dw, min_height=dh, strict=True)
-    except ValueError:
-        return None
-    arr = _orient(_resize(arr, tw, th), orientation)
+    with budget.reserve(dw * dh * 3 + tw * th * 6):
+        try:
+            arr = simplejpeg.decode_jpeg(raw, colorspace="RGB", min_width=dw, min_height=dh, strict=True)
+        except ValueError:
+            return None
+        arr = _orient(_resize(arr, tw, th), orientation)
     return _encode(arr), arr.shape[1], arr.shape[0]
 
 
@@ -256,8 +328,22 @@ def _decode_with_pillow(im: Image.Image, max_pixels: int) -> np.ndarray:
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError) as e:
         raise _decode_error(e) from None
     orientation = _orientation(im)  # after load: PNG may keep its eXIf chunk after the pixels
+    im = _reduce(im, tw, th)
     arr = _to_rgb(im)
     return _orient(_resize(arr, tw, th), orientation)
+
+
+def _reduce(im: Image.Image, tw: int, th: int) -> Image.Image:
+    """Shrink a much larger image by a whole factor (box filter) before any conversion, so the conversions run
+    on the small image: for a huge RGBA PNG, compositing on white at full size would hold four copies. Alpha is
+    premultiplied while shrinking, so transparent pixels do not bleed their colour into the edges."""
+    factor = min(im.size[0] // max(tw, 1), im.size[1] // max(th, 1))
+    if factor < 2 or im.mode not in ("RGB", "RGBA", "L", "LA"):
+        return im
+    if im.mode in ("RGBA", "LA"):
+        premultiplied = "RGBa" if im.mode == "RGBA" else "La"
+        return im.convert(premultiplied).reduce(factor).convert(im.mode)
+    return im.reduce(factor)
 
 
 def _to_rgb(im: Image.Image) -> np.ndarray:

@@ -160,6 +160,8 @@ class ImageTaggingVLMMapper:
         self.loader = ImageLoader(
             limits=FetchLimits(read_timeout=opts.fetch_timeout, max_bytes=opts.max_image_bytes),
             try_num=opts.try_num, workers=opts.image_workers, wait=self.runner.wait,
+            geometry={"max_aspect_ratio": opts.max_aspect_ratio, "min_side": opts.min_image_side,
+                      "pad_to_aspect": opts.pad_to_aspect},
         )
 
     @property

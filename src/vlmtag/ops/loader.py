@@ -74,8 +74,10 @@ def resolve(path: str, base_dir: str | None) -> str:
 class ImageLoader:
     """Reads and prepares images on one thread pool, shared by every batch of the operator."""
 
-    def __init__(self, *, limits: FetchLimits, try_num: int, workers: int, wait: Callable[[int], float]) -> None:
+    def __init__(self, *, limits: FetchLimits, try_num: int, workers: int, wait: Callable[[int], float],
+                 geometry: dict[str, Any] | None = None) -> None:
         self.limits = limits
+        self.geometry = geometry or {}  # prepare_image's model limits: max_aspect_ratio, min_side, pad_to_aspect
         self.try_num = try_num
         self.workers = workers
         # Local reads and preparing are CPU work, where threads beyond a few per core only fight over the GIL
@@ -93,7 +95,7 @@ class ImageLoader:
 
     def prepare(self, images: Sequence[ImageBytes], max_pixels: int) -> list[EncodedImage | str]:
         """Each image decoded, downscaled and encoded for the model, or why it could not be."""
-        return self._map(lambda image: _prepare(image, max_pixels), images, self.cpu_workers)
+        return self._map(lambda image: _prepare(image, max_pixels, self.geometry), images, self.cpu_workers)
 
     def close(self) -> None:
         with self._lock:
@@ -132,8 +134,8 @@ class ImageLoader:
         return [y for done in pool.map(lambda chunk: [fn(x) for x in chunk], chunks) for y in done]
 
 
-def _prepare(image: ImageBytes, max_pixels: int) -> EncodedImage | str:
+def _prepare(image: ImageBytes, max_pixels: int, geometry: dict[str, Any]) -> EncodedImage | str:
     try:
-        return prepare_image(image.data, max_pixels=max_pixels, sha256=image.sha256)
+        return prepare_image(image.data, max_pixels=max_pixels, sha256=image.sha256, **geometry)
     except ImageError as e:
         return str(e)
