@@ -43,6 +43,10 @@ class DryRunReport:
     output_tokens_max: int = 0
     cost: float | None = None
     cost_max: float | None = None
+    # the same through the Batch API: the online prices × `batch_price_discount`
+    batch_cost: float | None = None
+    batch_cost_max: float | None = None
+    batch_discount: float | None = None  # None when the taggers' discounts differ
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -57,7 +61,9 @@ class DryRunReport:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.bad_images.update(other.bad_images)
         self.examples = {**other.examples, **self.examples}
-        for name in ("cost", "cost_max"):
+        if self.batch_discount != other.batch_discount:
+            self.batch_discount = None
+        for name in ("cost", "cost_max", "batch_cost", "batch_cost_max"):
             mine, theirs = getattr(self, name), getattr(other, name)
             setattr(self, name, None if mine is None and theirs is None else (mine or 0.0) + (theirs or 0.0))
 
@@ -116,6 +122,9 @@ def dry_run(op, batches: Iterable[tuple[list[dict], str | None]], *, workers: in
     if op.pricing.known:
         report.cost = op.pricing.cost(report.input_tokens, report.output_tokens)
         report.cost_max = op.pricing.cost(report.input_tokens, report.output_tokens_max)
+        report.batch_discount = o.batch_price_discount
+        report.batch_cost = report.cost * o.batch_price_discount
+        report.batch_cost_max = report.cost_max * o.batch_price_discount
     return report
 
 

@@ -75,6 +75,10 @@ def render_dry_run(report, console: Console) -> None:
     ]
     if report.cost is not None:
         rows.append(("cost (estimate / at most)", f"{report.cost:.4f} / {report.cost_max:.4f}"))
+        if report.batch_cost is not None:
+            times = f"online × {report.batch_discount:g}" if report.batch_discount is not None else "Batch API"
+            rows.append((f"batch price ({times}; estimate / at most)",
+                         f"{report.batch_cost:.4f} / {report.batch_cost_max:.4f}"))
     console.print(_table(rows, title="dry run: no request sent"))
     for kind, n in report.bad_images.most_common(5):
         console.print(f"  {n:>8,}  {report.examples[kind]}", markup=False, highlight=False)

@@ -14,7 +14,7 @@ from rich.console import Console
 from vlmtag import __version__
 from vlmtag.engines import EngineError
 from vlmtag.errors import EXIT_CONFIG, EXIT_INTERRUPTED, ConfigError
-COMMANDS = ("run", "tag", "report", "eval")  # modules vlmtag.cli.<name>
+COMMANDS = ("run", "tag", "report", "eval", "batch")  # modules vlmtag.cli.<name>
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict]:

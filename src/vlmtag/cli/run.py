@@ -6,6 +6,7 @@ import argparse
 
 from rich.console import Console
 
+from vlmtag.cli.batch import batch_flags, check_batch_flags
 from vlmtag.errors import ConfigError
 
 
@@ -16,6 +17,7 @@ def add_parser(sub) -> None:
                    help="override a recipe key (dotted; 'op.KEY' = the tagger's argument); repeatable")
     p.add_argument("--limit", type=int, metavar="N", help="tag only the first N rows")
     add_job_flags(p)
+    batch_flags(p)
     p.add_argument("--retry-failed", action="store_true",
                    help="re-attempt only the images that have errors in the existing export")
     p.add_argument("--dry-run", action="store_true",
@@ -46,13 +48,24 @@ def run(args: argparse.Namespace, console: Console) -> int:
         overrides.append("use_cache=false")
     if args.overwrite:
         overrides.append("op.overwrite=true")
+    if args.batch_api:
+        overrides.append("op.batch_api=true")
     recipe = parse_recipe(load_recipe_dict(args.config, overrides))
+    batch_mode = any((op_args or {}).get("batch_api") for item in recipe.process for op_args in item.values())
+    check_batch_flags(args, batch_mode and not args.dry_run)
     if args.dry_run:
         from vlmtag.dryrun import dry_run_recipe
         from vlmtag.summary import render_dry_run
 
         render_dry_run(dry_run_recipe(recipe, limit=args.limit), console)
         return 0
+    if batch_mode:
+        from vlmtag.batch import open_recipe_job
+        from vlmtag.cli.batch import run_batch_job_cli
+
+        return run_batch_job_cli(open_recipe_job(recipe, limit=args.limit), console, use_cache=recipe.use_cache,
+                                 fallback=args.batch_fallback == "online", strict=args.strict,
+                                 total_rows=_total_rows(recipe, args.limit), resume_command=args.command_line)
     with progress_reporter(console, _total_rows(recipe, args.limit)) as progress:
         result = run_recipe(recipe, limit=args.limit, retry_failed=args.retry_failed, progress=progress,
                             strict=args.strict)

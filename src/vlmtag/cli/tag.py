@@ -7,6 +7,7 @@ import os
 
 from rich.console import Console
 
+from vlmtag.cli.batch import batch_flags, check_batch_flags
 from vlmtag.cli.run import add_job_flags, check_limit
 from vlmtag.defaults import DEFAULT_MODEL as DEFAULT_API_MODEL
 from vlmtag.errors import ConfigError
@@ -24,6 +25,7 @@ def add_parser(sub) -> None:
     p.add_argument("--json-schema", action="store_true", help="ask the server for structured output")
     p.add_argument("--limit", type=int, metavar="N", help="tag only the first N images")
     add_job_flags(p)
+    batch_flags(p)
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
@@ -45,8 +47,19 @@ def run(args: argparse.Namespace, console: Console) -> int:
         concurrency=args.concurrency,
         json_schema=args.json_schema,
         overwrite=args.overwrite,
+        batch_api=args.batch_api,
     )
     shard = inline_shard(args.paths, os.getcwd())
+    check_batch_flags(args, args.batch_api)
+    if args.batch_api:
+        from vlmtag.batch import open_batch_job
+        from vlmtag.cli.batch import run_batch_job_cli
+
+        if not is_api:
+            raise ConfigError("--batch-api needs --api-base (the provider whose Batch API takes the requests)")
+        bj = open_batch_job([op], [shard], args.output, limit=args.limit, dataset_label=",".join(args.paths))
+        return run_batch_job_cli(bj, console, use_cache=not args.no_cache, fallback=args.batch_fallback == "online",
+                                 strict=args.strict, total_rows=None, resume_command=args.command_line)
     with progress_reporter(console) as progress:
         result = run_job([op], [shard], args.output, use_cache=not args.no_cache, limit=args.limit,
                          dataset_label=",".join(args.paths), progress=progress, strict=args.strict)

@@ -12,7 +12,7 @@ import hashlib
 import json
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from pydantic import ValidationError
 
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from vlmtag.cache.base import AnswerCache
     from vlmtag.tags.vocabulary import Vocabulary
 
-__all__ = ["Gathered", "ImageTaggingVLMMapper"]
+__all__ = ["BatchWork", "Gathered", "ImageTaggingVLMMapper"]
 
 _MAX_ENUM_TERMS = 2000  # beyond this a schema enum is too large for most constrained decoders
 
@@ -152,6 +152,8 @@ class ImageTaggingVLMMapper:
         self.cache: AnswerCache | None = None  # attached by the executor; None = no cache
         self._engine: Engine | None = None
         self._engine_lock = threading.Lock()
+        self._settled: dict[str, str] = {}  # batch mode: cache key -> final error, known without a request
+        self._otherwise: str | None = None  # batch mode: the error of anything else the cache cannot answer
         self.runner = RequestRunner(
             try_num=opts.try_num, retry_backoff=opts.retry_backoff, max_backoff=opts.max_backoff,
             fail_fast=opts.fail_fast, max_cost=opts.max_cost, answer_tokens=answer_budget(opts.sampling_params),
@@ -196,7 +198,8 @@ class ImageTaggingVLMMapper:
 
     def setup(self) -> None:
         """Build the engine now, so a bad setting fails before any data is read."""
-        _ = self.engine
+        if self._otherwise is None:  # settled (batch mode): no request will be sent, so no engine is needed
+            _ = self.engine
 
     def attach_cache(self, cache: AnswerCache | None) -> None:
         self.cache = cache
@@ -415,6 +418,10 @@ class ImageTaggingVLMMapper:
                         self.stats.add(cached=1)
                     except TagParseError:
                         pass  # e.g. stricter max_tag_length now: ask again
+        if self._settled:  # batch mode: the Batch API's final errors, without a request
+            for r, key in enumerate(keys):
+                if key in self._settled and outcomes[r].tags is None:
+                    outcomes[r].error = self._settled[key]
 
         todo = [r for r, o in enumerate(outcomes) if o.tags is None and o.error is None]
         needed = sorted({requests[r][0] for r in todo})
@@ -424,6 +431,8 @@ class ImageTaggingVLMMapper:
             image = prepared[requests[r][0]]
             if isinstance(image, str):
                 outcomes[r].error = image
+            elif self._otherwise is not None:
+                outcomes[r].error = self._otherwise
             else:
                 work[r] = Request(image=image, system_prompt=self.system_prompt, user_text=requests[r][1])
         if work:
@@ -443,3 +452,47 @@ class ImageTaggingVLMMapper:
         if self.cache is not None and keys[r] is not None:
             self.cache.put_many([(keys[r], resp.text or "")])
         return resp
+
+    # -- batch mode (vlmtag.batch): the same requests, answered through a provider's Batch API -----------------
+
+    def batch_requests(self, rows: Sequence[dict], *, base_dir: str | None = None,
+                       want: Callable[[str], bool] | None = None) -> BatchWork:
+        """What tagging `rows` would ask, without asking: each distinct image+prompt that the cache cannot answer
+        and `want(cache key)` accepts, prepared as the engine would receive it. Rows are not changed."""
+        g = self.gather_rows(rows, base_dir)
+        loaded = self.loader.read(g.sources, base_dir)
+        keys: list[str | None] = [None] * len(g.requests)
+        for r, (img, prompt) in enumerate(g.requests):
+            image = loaded[img]
+            if not isinstance(image, str):
+                keys[r] = self.cache_key(image.sha256, prompt)
+        hits = self.cache.get_many(k for k in keys if k) if self.cache is not None else {}
+        todo: dict[str, int] = {}
+        for r, key in enumerate(keys):
+            if key is None or key in todo or (want is not None and not want(key)):
+                continue
+            if key in hits:
+                try:
+                    self._read_answer(hits[key])
+                    continue
+                except TagParseError:
+                    pass  # asked again, as `_answer` would
+            todo[key] = r
+        needed = sorted({g.requests[r][0] for r in todo.values()})
+        prepared = dict(zip(needed, self.loader.prepare([loaded[img] for img in needed], self.options.max_pixels)))
+        work = BatchWork(requests={}, keys=[[] for _ in g.metas])
+        for key, r in todo.items():
+            image = prepared[g.requests[r][0]]
+            if not isinstance(image, str):  # an image that cannot be prepared gets its error in the export
+                work.requests[key] = Request(image=image, system_prompt=self.system_prompt, user_text=g.requests[r][1])
+        for i, j, r in g.slots:
+            row_keys = work.keys[i]
+            row_keys.extend([None] * (j + 1 - len(row_keys)))
+            row_keys[j] = keys[r]
+        return work
+
+    def settle(self, errors: Mapping[str, str], *, otherwise: str | None = None) -> None:
+        """Batch mode: outcomes decided elsewhere. An image+prompt whose cache key is in `errors` gets that error
+        without a request; with `otherwise`, so does every one the cache cannot answer, and no request (nor
+        engine) is made at all."""
+        self._settled, self._otherwise = dict(errors), otherwise

@@ -66,6 +66,12 @@ class TaggerOptions(BaseModel):
     min_image_side: int = Field(1, ge=1, description="pixels; an image with a shorter side is not sent")
     pad_to_aspect: bool = Field(False, description="pad an image beyond max_aspect_ratio instead of refusing it")
     max_text_chars: int = Field(4000, ge=0, description="characters of the sample's text put in the prompt")
+    # Batch mode (vlmtag.batch): the same requests through the provider's Batch API, at its price.
+    batch_api: bool = Field(False, description="send the work through the Batch API of the same base_url")
+    batch_max_requests: int = Field(50_000, ge=1, description="request lines per Batch API input file")
+    batch_max_bytes: int = Field(190_000_000, ge=1024, description="bytes per Batch API input file")
+    batch_poll_interval: float = Field(60.0, gt=0, description="longest wait in seconds between two polls")
+    batch_price_discount: float = Field(0.5, gt=0, le=1, description="the batch price = online prices × this")
 
 
 # Every argument of the operator, Data-Juicer's and ours, validated together.

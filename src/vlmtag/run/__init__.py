@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 from vlmtag.cache import SqliteAnswerCache
 from vlmtag.config import Recipe, build_ops
@@ -74,9 +74,11 @@ def run_job(
     progress: ProgressCallback | None = None,
     executor: Executor | None = None,
     strict: bool = False,
+    adjust_stats: Callable[[RunStats], None] | None = None,
 ) -> RunResult:
     """Tag `shards` into `export_path`, resuming a job with the same identity if one was interrupted. `strict`:
-    a row that cannot be read is an error before any request, instead of a row kept in place."""
+    a row that cannot be read is an error before any request, instead of a row kept in place. `adjust_stats` sees
+    this run's stats before they are written (batch mode adds what the job's batches did)."""
     pipeline = ops if isinstance(ops, Pipeline) else Pipeline(ops)
     executor = executor or LocalExecutor()
     the_plan = plan(shards, export_path, export_type=export_type, work_dir=work_dir)
@@ -104,6 +106,8 @@ def run_job(
         if cache is not None:
             cache.close()
     stats = run.stats(pipeline)
+    if adjust_stats is not None:
+        adjust_stats(stats)
     if run.aborted:  # finished batches stay checkpointed for the resume; no export, no stats file
         stats.wall_seconds = time.perf_counter() - started
         return _result(the_plan, job, stats, aborted=run.aborted, interrupted=run.interrupted)
