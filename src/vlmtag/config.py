@@ -149,16 +149,13 @@ def build_ops(recipe: Recipe) -> list:
     """Instantiate the recipe's operators; the recipe's global keys are defaults for each op's own ones."""
     from vlmtag.ops import get_operator, operator_names
 
+    others = [(i, name) for i, item in enumerate(recipe.process) for name in item if name not in operator_names()]
+    if others:
+        raise ConfigError(other_operators_message(others, operator_names()))
     ops = []
     for i, item in enumerate(recipe.process):
         ((name, args),) = item.items()
-        try:
-            cls = get_operator(name)
-        except KeyError:
-            raise ConfigError(
-                f"recipe: process[{i}]: operator {name!r} is not available in vlmtag (it runs only: "
-                f"{', '.join(operator_names())}); run Data-Juicer's other operators with Data-Juicer"
-            ) from None
+        cls = get_operator(name)
         args = dict(args or {})
         defaults = {
             "text_key": recipe.text_key,
@@ -176,3 +173,25 @@ def build_ops(recipe: Recipe) -> list:
         except TypeError as e:
             raise ConfigError(f"recipe: process[{i}]: {name}: {e}") from None
     return ops
+
+
+def other_operators_message(others: list[tuple[int, str]], ours: list[str]) -> str:
+    """The one message for a recipe that names operators vlmtag does not run: which ones, and how to run the whole
+    recipe with Data-Juicer's `dj-process` and vlmtag's operator inside it (README "Inside Data-Juicer")."""
+    from vlmtag.dj import DJ_OP_NAME, OP_NAME, SERVE_DJ_NAME_ENV
+
+    if len(others) == 1:
+        i, name = others[0]
+        listed = f"operator {name!r} is not available in vlmtag (process[{i}])"
+    else:
+        names = ", ".join(f"{name!r} (process[{i}])" for i, name in others)
+        listed = f"operators {names} are not available in vlmtag"
+    note = ""
+    if any(name == OP_NAME for _, name in others):
+        note = f" ({OP_NAME} is vlmtag's operator inside Data-Juicer; `vlmtag run` calls it {DJ_OP_NAME})"
+    return (
+        f"recipe: {listed}{note}; vlmtag runs only {', '.join(ours)}. Run the whole recipe with Data-Juicer "
+        "instead, with vlmtag's operator in it: pip install 'vlmtag[dj]', then either "
+        f"rename {DJ_OP_NAME} to {OP_NAME} in the recipe and run `dj-process --config RECIPE`, or keep the recipe "
+        f"as it is and run `{SERVE_DJ_NAME_ENV}=1 dj-process --config RECIPE` (README: \"Inside Data-Juicer\")"
+    )

@@ -42,6 +42,21 @@ __all__ = ["BatchWork", "Gathered", "ImageTaggingVLMMapper"]
 _MAX_ENUM_TERMS = 2000  # beyond this a schema enum is too large for most constrained decoders
 
 
+def _rebuild(cls: type, kwargs: dict) -> "ImageTaggingVLMMapper":
+    return cls(**kwargs)
+
+
+def _is_single_sample(samples: dict, text_key: str) -> bool:
+    """Whether Data-Juicer handed one sample rather than a batch of columns (its non-batched `map`)."""
+    meta = samples.get(META_KEY)
+    if isinstance(meta, dict) or isinstance(samples.get(text_key), str):
+        return True
+    values = list(samples.values())
+    if not values or not all(isinstance(v, list) for v in values):
+        return True
+    return len({len(v) for v in values}) != 1
+
+
 @dataclass
 class Gathered:
     """A batch as the operator asks it: distinct images, distinct (image, prompt) requests, and where each
@@ -315,6 +330,57 @@ class ImageTaggingVLMMapper:
         for row, meta in zip(rows, metas):
             row[META_KEY] = meta
         return rows
+
+    def process(self, samples: dict, rank: int | None = None, *args: Any, **kwargs: Any) -> dict:
+        """Data-Juicer's entry point: `dataset.map(op.process, batched=True, with_rank=True)` (a batch of columns)
+        or `dataset.map(op.process, with_rank=True)` (one sample). `rank` (given positionally by `with_rank`) is
+        accepted and not needed: an API engine keeps `concurrency` requests in flight from one process.
+
+        The operator's fields come back as typed NumPy arrays (tags: str arrays; errors: strings with None), so
+        that Hugging Face `datasets` and Arrow fix one type for them whatever the first batch holds (a first batch
+        without a single error would otherwise type the errors column as null, and a later error would crash the
+        writer). `process_batched` returns plain lists."""
+        if not samples:
+            return samples
+        base_dir = kwargs.get("base_dir")
+        single = _is_single_sample(samples, self.options.text_key)
+        batch = {k: [v] for k, v in samples.items()} if single else samples
+        if batch.get(META_KEY) is not None:
+            # Arrow gives every row of a struct column every field: None where a row lacks it (not tagged yet)
+            batch[META_KEY] = [self._without_null_fields(meta) for meta in batch[META_KEY]]
+        out = self.process_batched(batch, base_dir=base_dir)
+        out[META_KEY] = [self.arrow_typed(meta) for meta in out[META_KEY]]
+        return {k: v[0] for k, v in out.items()} if single else out
+
+    def arrow_typed(self, meta: Any) -> Any:
+        """A copy of a row's meta whose tag, error and unmapped fields are NumPy arrays of one fixed type each
+        (see `process`). Other fields and metas that are not dicts are left as they are."""
+        if not isinstance(meta, dict):
+            return meta
+        import numpy as np
+
+        meta = dict(meta)
+        for name in (self.tag_field_name, self.unmapped_field_name):
+            lists = meta.get(name)
+            if isinstance(lists, (list, tuple)):
+                meta[name] = [np.array([] if t is None else list(t), dtype=np.str_) for t in lists]
+        errors = meta.get(self.error_field_name)
+        string_dtype = getattr(getattr(np, "dtypes", None), "StringDType", None)  # NumPy >= 2
+        if isinstance(errors, (list, tuple)) and string_dtype is not None:
+            # a string dtype that holds None: an all-None list is still typed string in Arrow
+            meta[self.error_field_name] = np.array(list(errors), dtype=string_dtype(na_object=None))
+        return meta
+
+    def _without_null_fields(self, meta: Any) -> Any:
+        if not isinstance(meta, dict) or self.tag_field_name not in meta or meta[self.tag_field_name] is not None:
+            return meta
+        ours = (self.tag_field_name, self.error_field_name, self.unmapped_field_name)
+        return {k: v for k, v in meta.items() if k not in ours}
+
+    def __reduce__(self):
+        """Pickled as its arguments (Data-Juicer and Hugging Face `datasets` send `op.process` to worker
+        processes): the copy builds its own engine and threads on first use, and has no cache attached."""
+        return (_rebuild, (type(self), self.spec[1]))
 
     # -- gather: rows -> distinct images and requests -----------------------------------------------------------
 
