@@ -16,8 +16,10 @@ from typing import Any, Iterator, Mapping
 
 import httpx
 
-from vlmtag.engines.api import _Redactor, _resolve_url, _str_headers, _timeout_of, parse_retry_after, server_message
-from vlmtag.engines.base import EngineError, EngineSettings
+from vlmtag.engines.api import (
+    _Redactor, _resolve_url, _timeout_of, client_headers, client_query, parse_retry_after, server_message,
+)
+from vlmtag.engines.base import EngineSettings
 
 log = logging.getLogger(__name__)
 
@@ -65,20 +67,8 @@ class BatchClient:
         self.base = _resolve_url(str(base_url) if base_url else None, "/").rstrip("/")
         self._redact = _Redactor(api_key)
         self._timeout = _timeout_of(params.get("timeout"))
-        headers = {"User-Agent": "vlmtag"}
-        headers.update(_str_headers(params.get("default_headers"), "default_headers"))
-        headers.update(_str_headers(params.get("headers"), "headers"))
-        if params.get("organization"):
-            headers["OpenAI-Organization"] = str(params["organization"])
-        if params.get("project"):
-            headers["OpenAI-Project"] = str(params["project"])
-        if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
-        query = params.get("default_query")
-        if query is not None and not isinstance(query, Mapping):
-            raise EngineError("model_params.default_query must be a mapping")
-        self._http = httpx.Client(headers=headers, params=dict(query or {}), timeout=self._timeout,
-                                  follow_redirects=True)
+        self._http = httpx.Client(headers=client_headers(params, api_key), params=client_query(params),
+                                  timeout=self._timeout, follow_redirects=True)
 
     def __repr__(self) -> str:
         return f"BatchClient({self._redact(self.base)!r})"

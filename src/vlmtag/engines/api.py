@@ -260,6 +260,29 @@ def estimate_tokens(request: Request, sampling_params: Mapping[str, Any]) -> int
 # The engine.
 
 
+def client_headers(params: Mapping[str, Any], api_key: str | None) -> dict[str, str]:
+    """The HTTP headers `model_params` ask for (`headers`, `default_headers`, `organization`, `project`) and the
+    key's `Authorization`, as every OpenAI-compatible call of vlmtag sends them."""
+    headers = {"User-Agent": "vlmtag"}
+    headers.update(_str_headers(params.get("default_headers"), "default_headers"))
+    headers.update(_str_headers(params.get("headers"), "headers"))
+    if params.get("organization"):
+        headers["OpenAI-Organization"] = str(params["organization"])
+    if params.get("project"):
+        headers["OpenAI-Project"] = str(params["project"])
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return headers
+
+
+def client_query(params: Mapping[str, Any]) -> dict[str, Any]:
+    """`model_params.default_query`: query parameters every call carries (Azure's `api-version`, say)."""
+    query = params.get("default_query")
+    if query is not None and not isinstance(query, Mapping):
+        raise EngineError("model_params.default_query must be a mapping")
+    return dict(query or {})
+
+
 class ApiEngine(Engine):
     """Chat completions over HTTP, one attempt per request, `settings.concurrency` in flight.
 
@@ -293,20 +316,10 @@ class ApiEngine(Engine):
         self._settings = settings
         self._redact = _Redactor(api_key)
 
-        headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "vlmtag"}
-        headers.update(_str_headers(params.get("default_headers"), "default_headers"))
-        headers.update(_str_headers(params.get("headers"), "headers"))
-        if params.get("organization"):
-            headers["OpenAI-Organization"] = str(params["organization"])
-        if params.get("project"):
-            headers["OpenAI-Project"] = str(params["project"])
-        if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
-        query = params.get("default_query")
-        if query is not None and not isinstance(query, Mapping):
-            raise EngineError("model_params.default_query must be a mapping")
+        headers = {"Content-Type": "application/json", "Accept": "application/json", **client_headers(params, api_key)}
+        query = client_query(params)
         self._headers = headers
-        self._request_url = httpx.URL(self._url).copy_merge_params(dict(query or {})) if query else httpx.URL(self._url)
+        self._request_url = httpx.URL(self._url).copy_merge_params(query) if query else httpx.URL(self._url)
         self._timeouts = httpx.Timeout(self._timeout).as_dict()
         self._origin = self._request_url.netloc.decode("ascii")  # host[:port], never credentials
         self._limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
