@@ -132,16 +132,12 @@ def dry_run_recipe(recipe, *, limit: int | None = None) -> DryRunReport:
     """The dry run of every tagger of a recipe over its dataset, added up (no engine is built, no request is
     sent)."""
     from vlmtag.config import build_ops
-    from vlmtag.errors import ConfigError
-    from vlmtag.io import UnsupportedFormat, open_dataset
-    from vlmtag.run import iter_batches
+    from vlmtag.run.plan import iter_batches, recipe_shards
 
     total: DryRunReport | None = None
-    for op in build_ops(recipe):
-        try:
-            shards = open_dataset(recipe.dataset_path)
-        except (FileNotFoundError, UnsupportedFormat) as e:
-            raise ConfigError(f"recipe: dataset_path: {e}") from None
+    ops = build_ops(recipe)
+    shards = recipe_shards(recipe.dataset_path)
+    for op in ops:
         batches = ((rows, shards[s].base_dir) for s, _, rows in iter_batches(shards, op.batch_size, limit))
         report = dry_run(op, batches)
         if total is None:

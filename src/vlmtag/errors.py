@@ -18,7 +18,7 @@ def _short(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _did_you_mean(name: str, known: Iterable[str]) -> str:
+def did_you_mean(name: str, known: Iterable[str]) -> str:
     close = difflib.get_close_matches(name, list(known), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -29,7 +29,7 @@ def config_error(err: "ValidationError", where: str, known: Iterable[str] = ()) 
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
-            lines.append(f"{where}: unknown key {key!r}{_did_you_mean(key, known)}")
+            lines.append(f"{where}: unknown key {key!r}{did_you_mean(key, known)}")
         elif e["type"] == "missing":
             lines.append(f"{where}: missing required key {key!r}")
         else:

@@ -20,12 +20,12 @@ from vlmtag.batch.runner import BatchProgress, BatchRun, BatchStopped
 from vlmtag.batch.state import TERMINAL, BatchState
 from vlmtag.cache import SqliteAnswerCache
 from vlmtag.errors import ConfigError
-from vlmtag.io import Shard, UnsupportedFormat, open_dataset
+from vlmtag.io import Shard
 from vlmtag.jobs import Job
 from vlmtag.ops.base import Operator, Pipeline
 from vlmtag.run import RunResult, run_job
 from vlmtag.run.execute import ProgressCallback
-from vlmtag.run.plan import Plan, count_unreadable, job_identity, plan
+from vlmtag.run.plan import Plan, count_unreadable, job_identity, plan, recipe_shards
 from vlmtag.stats import RunStats
 from vlmtag.tags import TagParseError
 
@@ -125,10 +125,7 @@ def open_recipe_job(recipe, *, limit: int | None = None) -> BatchJob:
     from vlmtag.config import build_ops
 
     ops = build_ops(recipe)
-    try:
-        shards = open_dataset(recipe.dataset_path)
-    except (FileNotFoundError, UnsupportedFormat) as e:
-        raise ConfigError(f"recipe: dataset_path: {e}") from None
+    shards = recipe_shards(recipe.dataset_path)
     extra = recipe.model_extra or {}
     if recipe.executor_type == "ray":
         log.warning("batch mode writes the export on this machine: executor_type 'ray' is not used")

@@ -24,7 +24,6 @@ Importing this module registers the operator (the `data_juicer.ops` entry point 
 
 from __future__ import annotations
 
-import difflib
 import os
 from typing import Any
 
@@ -33,7 +32,7 @@ from data_juicer.ops.base_op import OP, OPERATORS, TAGGING_OPS, Mapper
 from vlmtag.config import expand_env
 from vlmtag.dj import DJ_OP_NAME, OP_NAME, SERVE_DJ_NAME_ENV, default_cache_path, serve_dj_name
 from vlmtag.dj.signature import op_signature, tagger_names
-from vlmtag.errors import ConfigError
+from vlmtag.errors import ConfigError, did_you_mean
 from vlmtag.ops.image_tagging_vlm_mapper import ImageTaggingVLMMapper
 from vlmtag.ops.options import DATA_JUICER_OP_ARGS
 
@@ -165,12 +164,7 @@ class ReplacesDJTagger(VlmtagImageTaggingMapper):
 
 def _suggestion(kwargs: dict) -> str:
     names = [p for p in SIGNATURE.parameters if p != "self"]
-    for key in kwargs:
-        if key not in SIGNATURE.parameters:
-            close = difflib.get_close_matches(key, names, n=1)
-            if close:
-                return f" (did you mean {close[0]!r}?)"
-    return ""
+    return next((hint for key in kwargs if key not in SIGNATURE.parameters and (hint := did_you_mean(key, names))), "")
 
 
 def _register(name: str, cls: type, *, replace: bool = False) -> None:

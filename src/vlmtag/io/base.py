@@ -105,6 +105,15 @@ class RowWriter(abc.ABC):
             self.abort()
 
 
+def describe_unreadable(info: object, shard_name: str) -> str:
+    """Where an unreadable row is and why, for a person: `in.jsonl line 3: invalid JSON ...`."""
+    if not isinstance(info, dict):
+        return f"{shard_name}: {info}"
+    where = next((f"{key} {info[key]}" for key in ("line", "index", "row") if key in info), None)
+    where = info.get("member") or (f"{shard_name} {where}" if where else info.get("shard") or shard_name)
+    return f"{where}: {info.get('error', 'unreadable')}"
+
+
 def batched(rows: Iterable[dict], batch_size: int) -> Iterator[list[dict]]:
     """Group a stream of rows into lists of `batch_size` (the last may be shorter)."""
     it = iter(rows)

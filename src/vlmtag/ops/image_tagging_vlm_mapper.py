@@ -12,7 +12,7 @@ import hashlib
 import json
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from pydantic import ValidationError
 
@@ -22,9 +22,9 @@ from vlmtag.engines import Engine, EngineSettings, Request, Response, create_eng
 from vlmtag.engines.base import CLIENT_PARAMS
 from vlmtag.engines.sampling import answer_budget
 from vlmtag.errors import ConfigError, config_error
-from vlmtag.images import FetchLimits
+from vlmtag.images import EncodedImage, FetchLimits
 from vlmtag.ops.base import Resources
-from vlmtag.ops.loader import ImageLoader, Source, source_and_key
+from vlmtag.ops.loader import ImageBytes, ImageLoader, Source, source_and_key
 from vlmtag.ops.options import DATA_JUICER_OP_ARGS, TaggerArguments, resolve_engine_kind
 from vlmtag.ops.registry import register
 from vlmtag.ops.requests import RequestRunner
@@ -144,9 +144,8 @@ class ImageTaggingVLMMapper:
         self.system_prompt = opts.system_prompt if opts.system_prompt is not None else DEFAULT_SYSTEM_PROMPT
         self.input_template = opts.input_template if opts.input_template is not None else DEFAULT_INPUT_TEMPLATE
         self.engine_kind = resolve_engine_kind(opts.api_or_hf_model, opts.is_api_model, opts.engine)
-        self.num_proc = dj.get("num_proc")
         self.resources = Resources(
-            num_proc=self.num_proc,
+            num_proc=dj.get("num_proc"),
             num_cpus=dj.get("num_cpus"),
             num_gpus=dj.get("num_gpus"),
             accelerator=dj.get("accelerator"),
@@ -467,31 +466,14 @@ class ImageTaggingVLMMapper:
     def _answer(self, sources: list[Source], requests: list[tuple[int, str]], base_dir: str | None) -> list[_Outcome]:
         """One outcome per distinct (image, prompt): from the cache when it has the answer, else the engine."""
         loaded = self.loader.read(sources, base_dir)
-        outcomes = [_Outcome() for _ in requests]
-        keys: list[str | None] = [None] * len(requests)
-        for r, (img, prompt) in enumerate(requests):
-            image = loaded[img]
-            if isinstance(image, str):
-                outcomes[r].error = image
-            else:
-                keys[r] = self.cache_key(image.sha256, prompt)
-        if self.cache is not None:
-            hits = self.cache.get_many(k for k in keys if k)
-            for r, key in enumerate(keys):
-                if key in hits:
-                    try:
-                        outcomes[r].tags = self._read_answer(hits[key])
-                        self.stats.add(cached=1)
-                    except TagParseError:
-                        pass  # e.g. stricter max_tag_length now: ask again
+        outcomes, keys = self._known(loaded, requests, count_hits=True)
         if self._settled:  # batch mode: the Batch API's final errors, without a request
             for r, key in enumerate(keys):
                 if key in self._settled and outcomes[r].tags is None:
                     outcomes[r].error = self._settled[key]
 
         todo = [r for r, o in enumerate(outcomes) if o.tags is None and o.error is None]
-        needed = sorted({requests[r][0] for r in todo})
-        prepared = dict(zip(needed, self.loader.prepare([loaded[img] for img in needed], self.options.max_pixels)))
+        prepared = self._prepare(loaded, requests, todo)
         work: dict[int, Request] = {}
         for r in todo:
             image = prepared[requests[r][0]]
@@ -506,6 +488,36 @@ class ImageTaggingVLMMapper:
             for r, error in self.runner.run(self.engine, work, take).items():
                 outcomes[r].error = error
         return outcomes
+
+    def _known(self, loaded: list[ImageBytes | str], requests: list[tuple[int, str]],
+               *, count_hits: bool) -> tuple[list[_Outcome], list[str | None]]:
+        """What is known of each request without asking: its image's read error, or its cache key and, when the
+        cache has a usable answer, its tags."""
+        outcomes = [_Outcome() for _ in requests]
+        keys: list[str | None] = [None] * len(requests)
+        for r, (img, prompt) in enumerate(requests):
+            image = loaded[img]
+            if isinstance(image, str):
+                outcomes[r].error = image
+            else:
+                keys[r] = self.cache_key(image.sha256, prompt)
+        if self.cache is not None:
+            hits = self.cache.get_many(k for k in keys if k)
+            for r, key in enumerate(keys):
+                if key in hits:
+                    try:
+                        outcomes[r].tags = self._read_answer(hits[key])
+                    except TagParseError:
+                        continue  # e.g. stricter max_tag_length now: ask again
+                    if count_hits:
+                        self.stats.add(cached=1)
+        return outcomes, keys
+
+    def _prepare(self, loaded: list[ImageBytes | str], requests: list[tuple[int, str]],
+                 todo: Iterable[int]) -> dict[int, EncodedImage | str]:
+        """The images of the requests in `todo`, each prepared once, by its index in `loaded`."""
+        needed = sorted({requests[r][0] for r in todo})
+        return dict(zip(needed, self.loader.prepare([loaded[img] for img in needed], self.options.max_pixels)))
 
     def _take_answer(self, outcomes: list[_Outcome], keys: list[str | None], r: int, resp: Response) -> Response:
         """Keep a response's tags (and cache the answer); see `requests.TakeAnswer`."""
@@ -527,25 +539,13 @@ class ImageTaggingVLMMapper:
         and `want(cache key)` accepts, prepared as the engine would receive it. Rows are not changed."""
         g = self.gather_rows(rows, base_dir)
         loaded = self.loader.read(g.sources, base_dir)
-        keys: list[str | None] = [None] * len(g.requests)
-        for r, (img, prompt) in enumerate(g.requests):
-            image = loaded[img]
-            if not isinstance(image, str):
-                keys[r] = self.cache_key(image.sha256, prompt)
-        hits = self.cache.get_many(k for k in keys if k) if self.cache is not None else {}
+        outcomes, keys = self._known(loaded, g.requests, count_hits=False)
         todo: dict[str, int] = {}
         for r, key in enumerate(keys):
-            if key is None or key in todo or (want is not None and not want(key)):
+            if key is None or key in todo or outcomes[r].tags is not None or (want is not None and not want(key)):
                 continue
-            if key in hits:
-                try:
-                    self._read_answer(hits[key])
-                    continue
-                except TagParseError:
-                    pass  # asked again, as `_answer` would
             todo[key] = r
-        needed = sorted({g.requests[r][0] for r in todo.values()})
-        prepared = dict(zip(needed, self.loader.prepare([loaded[img] for img in needed], self.options.max_pixels)))
+        prepared = self._prepare(loaded, g.requests, todo.values())
         work = BatchWork(requests={}, keys=[[] for _ in g.metas])
         for key, r in todo.items():
             image = prepared[g.requests[r][0]]

@@ -20,12 +20,12 @@ from vlmtag.cache import SqliteAnswerCache
 from vlmtag.config import Recipe, build_ops
 from vlmtag.errors import ConfigError
 from vlmtag.executors import Executor, LocalExecutor, choose_executor
-from vlmtag.io import Shard, UnsupportedFormat, open_dataset
+from vlmtag.io import Shard
 from vlmtag.jobs import Job
 from vlmtag.ops.base import Operator, Pipeline
 from vlmtag.run.execute import ProgressCallback, RowFilter, execute
 from vlmtag.run.finalize import finalize
-from vlmtag.run.plan import Plan, count_unreadable, iter_batches, job_identity, plan
+from vlmtag.run.plan import Plan, count_unreadable, iter_batches, job_identity, plan, recipe_shards
 from vlmtag.run.retry import retry_shards, without_failures
 from vlmtag.stats import RunStats
 
@@ -157,10 +157,7 @@ def run_recipe(
     if retry_failed:
         shards = retry_shards(recipe.export_path)
     else:
-        try:
-            shards = open_dataset(recipe.dataset_path)
-        except (FileNotFoundError, UnsupportedFormat) as e:
-            raise ConfigError(f"recipe: dataset_path: {e}") from None
+        shards = recipe_shards(recipe.dataset_path)
     extra = recipe.model_extra or {}
     return run_job(
         pipeline,

@@ -10,6 +10,7 @@ from vlmtag import __version__
 from vlmtag.io import open_writer
 from vlmtag.jobs import Job
 from vlmtag.ops.base import Pipeline
+from vlmtag.io.base import describe_unreadable
 from vlmtag.rowkeys import INVALID_ROW_KEY, META_KEY, error_field
 from vlmtag.run.plan import Plan
 from vlmtag.stats import RunStats, reason_kind
@@ -52,15 +53,6 @@ class OutputCounts:
         stats.failure_reasons = dict(sorted(self.reasons.items(), key=lambda kv: -kv[1]))
         stats.unreadable_rows, stats.first_unreadable = self.unreadable, self.first_unreadable
         stats.rows_written = self.rows
-
-
-def describe_unreadable(info: object, shard_name: str) -> str:
-    """Where an unreadable row is and why, for a person: `in.jsonl line 3: invalid JSON ...`."""
-    if not isinstance(info, dict):
-        return f"{shard_name}: {info}"
-    where = next((f"{key} {info[key]}" for key in ("line", "index", "row") if key in info), None)
-    where = info.get("member") or (f"{shard_name} {where}" if where else info.get("shard") or shard_name)
-    return f"{where}: {info.get('error', 'unreadable')}"
 
 
 def write_export(the_plan: Plan, job: Job, tag_fields: Iterable[str]) -> OutputCounts:

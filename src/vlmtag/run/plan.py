@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from vlmtag.errors import ConfigError
-from vlmtag.io import Shard, UnsupportedFormat, format_of
-from vlmtag.io.base import FORMATS
+from vlmtag.io import Shard, UnsupportedFormat, format_of, open_dataset
+from vlmtag.io.base import FORMATS, describe_unreadable
 from vlmtag.ops.base import Pipeline
 from vlmtag.rowkeys import INVALID_ROW_KEY
 
@@ -48,6 +48,14 @@ class Plan:
 
     def parts(self) -> list[dict]:
         return [{"output": o, "shard": s.path, "images_root": s.base_dir} for o, s in zip(self.outputs, self.shards)]
+
+
+def recipe_shards(dataset_path: str) -> list[Shard]:
+    """The shards of a recipe's `dataset_path`; a path that is missing or of no known format is a recipe error."""
+    try:
+        return open_dataset(dataset_path)
+    except (FileNotFoundError, UnsupportedFormat) as e:
+        raise ConfigError(f"recipe: dataset_path: {e}") from None
 
 
 def is_folder_export(export_path: str) -> bool:
@@ -100,8 +108,6 @@ def iter_batches(shards: list[Shard], batch_size: int, limit: int | None) -> Ite
 def count_unreadable(shards: list[Shard], batch_size: int, limit: int | None) -> tuple[int, str | None]:
     """Rows the run would keep as unreadable, and where the first one is (a read of the whole input, for
     `--strict`, before any request is sent)."""
-    from vlmtag.run.finalize import describe_unreadable
-
     count, first = 0, None
     for s, _, rows in iter_batches(shards, batch_size, limit):
         for row in rows:
