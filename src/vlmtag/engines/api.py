@@ -36,7 +36,7 @@ from aiolimiter import AsyncLimiter
 from vlmtag.cost import text_tokens, visual_tokens
 from vlmtag.defaults import DEFAULT_MAX_TOKENS
 from vlmtag.engines.base import (
-    CLIENT_PARAMS, Engine, EngineError, EngineSettings, Request, Response, Usage, chat_messages,
+    CLIENT_PARAMS, Engine, EngineError, EngineSettings, OnResponse, Request, Response, Usage, chat_messages,
 )
 from vlmtag.engines.sampling import answer_budget
 
@@ -293,6 +293,7 @@ class ApiEngine(Engine):
     """
 
     kind = "api"
+    streams = True
 
     def __init__(self, settings: EngineSettings) -> None:
         params = dict(settings.model_params or {})
@@ -335,6 +336,7 @@ class ApiEngine(Engine):
         self._idle: asyncio.Queue[httpx.AsyncHTTPTransport] | None = None  # one per free connection
         self._rpm: AsyncLimiter | None = None
         self._tpm: AsyncLimiter | None = None
+        self._tasks: set[asyncio.Task] = set()  # requests started by `send`
 
     def __repr__(self) -> str:
         return (
@@ -401,6 +403,35 @@ class ApiEngine(Engine):
 
     # -- requests --------------------------------------------------------------------------------
 
+    def encode(self, request: Request) -> tuple[bytes, int]:
+        """The request's JSON body, and its token estimate when a tokens-per-minute limit needs one."""
+        try:
+            body = build_body(request, self._settings)
+            payload = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"cannot build the request body: {self._redact(str(e))}") from None
+        return payload, estimate_tokens(request, body) if self._settings.max_tokens_per_minute else 0
+
+    def send(self, items: Sequence[tuple[tuple[bytes, int], OnResponse]]) -> None:
+        """Start each request on the engine's loop (one wake-up for all of them); `on_response` runs on that
+        loop's thread as each answer arrives. A request still out when the engine closes gets an error response."""
+        if items:
+            self._ensure_loop().call_soon_threadsafe(self._start, list(items))
+
+    def _start(self, items: list[tuple[tuple[bytes, int], OnResponse]]) -> None:
+        for (payload, tokens), on_response in items:
+            task = asyncio.get_running_loop().create_task(self._sent(payload, tokens, on_response))
+            self._tasks.add(task)  # the loop keeps only weak references to its tasks
+            task.add_done_callback(self._tasks.discard)
+
+    async def _sent(self, payload: bytes, tokens: int, on_response: OnResponse) -> None:
+        try:
+            response = await self._one(payload, tokens)
+        except asyncio.CancelledError:
+            on_response(Response(error="the API engine was closed before the answer came"))
+            raise
+        on_response(response)
+
     def generate(self, requests: Sequence[Request]) -> list[Response]:
         return self.run_batch(requests, None)
 
@@ -414,13 +445,9 @@ class ApiEngine(Engine):
         jobs: list[tuple[bytes, int] | Response] = []
         for request in requests:
             try:
-                body = build_body(request, self._settings)
-                payload = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-            except (TypeError, ValueError) as e:
-                jobs.append(Response(error=f"cannot build the request body: {self._redact(str(e))}"))
-                continue
-            tokens = estimate_tokens(request, body) if self._settings.max_tokens_per_minute else 0
-            jobs.append((payload, tokens))
+                jobs.append(self.encode(request))
+            except ValueError as e:
+                jobs.append(Response(error=str(e)))
         loop = self._ensure_loop()
         try:
             future = asyncio.run_coroutine_threadsafe(self._run(jobs, on_response), loop)

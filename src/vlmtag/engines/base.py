@@ -98,10 +98,28 @@ class EngineError(RuntimeError):
     """An engine cannot be built or used at all (bad settings, missing model, missing extra)."""
 
 
+#: Called once with the response of a request given to `Engine.send`, on a thread of the engine's choosing.
+OnResponse = Callable[[Response], None]
+
+
 class Engine(abc.ABC):
-    """Batch-in/batch-out inference. Thread-safe: executors may call `generate` from several threads."""
+    """Batch-in/batch-out inference. Thread-safe: executors may call `generate` from several threads.
+
+    Engines that send requests one by one (`streams`: the API engine) also take them one at a time: `encode`
+    turns a request into what goes on the wire (once, so a retry sends the same bytes) and `send` starts it
+    without waiting, so the operator can send each request as soon as its image is ready.
+    """
 
     kind: str = "abstract"
+    streams: bool = False
+
+    def encode(self, request: Request) -> Any:
+        """A streaming engine's wire form of `request`; raises ValueError when it cannot be built."""
+        raise NotImplementedError(f"the {self.kind} engine works in batches (generate)")
+
+    def send(self, items: Sequence[tuple[Any, OnResponse]]) -> None:
+        """Start each `(encoded request, on_response)` without waiting; `on_response` is called exactly once."""
+        raise NotImplementedError(f"the {self.kind} engine works in batches (generate)")
 
     @abc.abstractmethod
     def generate(self, requests: Sequence[Request]) -> list[Response]:

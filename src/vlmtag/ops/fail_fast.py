@@ -37,6 +37,12 @@ class FailFast:
             else:
                 self._run, self._run_status = [error], status
 
+    @property
+    def suspect(self) -> bool:
+        """The latest final failures may be the start of a run-level streak (same 401/403/404), not yet decided."""
+        with self._lock:
+            return bool(self._run)
+
     def check(self) -> None:
         with self._lock:
             if len(self._run) >= self._streak:

@@ -28,6 +28,7 @@ from vlmtag.ops.loader import ImageBytes, ImageLoader, Source, source_and_key
 from vlmtag.ops.options import DATA_JUICER_OP_ARGS, TaggerArguments, resolve_engine_kind
 from vlmtag.ops.registry import register
 from vlmtag.ops.requests import RequestRunner
+from vlmtag.ops.stream import Dispatcher
 from vlmtag.prompts import DEFAULT_INPUT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, clean_text, fill_template
 from vlmtag.rowkeys import BYTES_KEY, INVALID_ROW_KEY, META_KEY, error_field, unmapped_field
 from vlmtag.stats import TaggingStats
@@ -166,6 +167,9 @@ class ImageTaggingVLMMapper:
         self.cache: AnswerCache | None = None  # attached by the executor; None = no cache
         self._engine: Engine | None = None
         self._engine_lock = threading.Lock()
+        self._dispatcher: Dispatcher | None = None  # streaming engines: built with the engine, on first use
+        self._answers: list[tuple[str, str]] = []  # cache rows not yet written (see _commit_answers)
+        self._answers_lock = threading.Lock()
         self._settled: dict[str, str] = {}  # batch mode: cache key -> final error, known without a request
         self._otherwise: str | None = None  # batch mode: the error of anything else the cache cannot answer
         self.runner = RequestRunner(
@@ -220,6 +224,9 @@ class ImageTaggingVLMMapper:
 
     def close(self) -> None:
         with self._engine_lock:
+            if self._dispatcher is not None:
+                self._dispatcher.close()
+                self._dispatcher = None
             if self._engine is not None:
                 self._engine.close()
                 self._engine = None
@@ -465,13 +472,61 @@ class ImageTaggingVLMMapper:
 
     def _answer(self, sources: list[Source], requests: list[tuple[int, str]], base_dir: str | None) -> list[_Outcome]:
         """One outcome per distinct (image, prompt): from the cache when it has the answer, else the engine."""
-        loaded = self.loader.read(sources, base_dir)
-        outcomes, keys = self._known(loaded, requests, count_hits=True)
-        if self._settled:  # batch mode: the Batch API's final errors, without a request
-            for r, key in enumerate(keys):
-                if key in self._settled and outcomes[r].tags is None:
-                    outcomes[r].error = self._settled[key]
+        if self._otherwise is None and self.engine.streams:
+            return self._answer_streaming(sources, requests, base_dir)
+        return self._answer_in_rounds(sources, requests, base_dir)
 
+    def _answer_streaming(self, sources: list[Source], requests: list[tuple[int, str]],
+                          base_dir: str | None) -> list[_Outcome]:
+        """`_answer` for engines that stream: each image's request leaves as soon as that image is ready."""
+        outcomes = [_Outcome() for _ in requests]
+        keys: list[str | None] = [None] * len(requests)
+        by_image: list[list[int]] = [[] for _ in sources]
+        for r, (img, _) in enumerate(requests):
+            by_image[img].append(r)
+        jobs = [functools.partial(self._image_job, sources[img], [(r, requests[r][1]) for r in rs], outcomes, keys,
+                                  base_dir) for img, rs in enumerate(by_image) if rs]
+        take = functools.partial(self._take_answer, outcomes, keys)
+        for r, error in self._dispatch().run(jobs, take, parallel=self.loader.parallelism(sources, base_dir)).items():
+            outcomes[r].error = error
+        return outcomes
+
+    def _image_job(self, source: Source, asks: list[tuple[int, str]], outcomes: list[_Outcome],
+                   keys: list[str | None], base_dir: str | None) -> dict[int, tuple[Request, Any]]:
+        """One image of a streamed batch, on the loader's pool: read and hash it, answer what the cache knows,
+        prepare it, and return its requests still to ask (by index), each with the engine's wire form."""
+        image = self.loader.load(source, base_dir)
+        self._recall([(r, image, prompt) for r, prompt in asks], outcomes, keys, answering=True)
+        todo = [(r, prompt) for r, prompt in asks if outcomes[r].tags is None and outcomes[r].error is None]
+        if not todo or isinstance(image, str):
+            return {}
+        prepared = self.loader.prepare_one(image, self.options.max_pixels)
+        work: dict[int, tuple[Request, Any]] = {}
+        for r, prompt in todo:
+            if isinstance(prepared, str):
+                outcomes[r].error = prepared
+                continue
+            request = Request(image=prepared, system_prompt=self.system_prompt, user_text=prompt)
+            try:
+                work[r] = (request, self.engine.encode(request))
+            except ValueError as e:
+                outcomes[r].error = str(e)
+        return work
+
+    def _dispatch(self) -> Dispatcher:
+        engine = self.engine
+        with self._engine_lock:
+            if self._dispatcher is None:
+                concurrency = self.options.concurrency
+                self._dispatcher = Dispatcher(engine, self.runner, concurrency=concurrency, lookahead=concurrency,
+                                              spawn=self.loader.spawn, commit=self._commit_answers)
+            return self._dispatcher
+
+    def _answer_in_rounds(self, sources: list[Source], requests: list[tuple[int, str]],
+                          base_dir: str | None) -> list[_Outcome]:
+        """`_answer` for engines that work in batches: read every image, prepare those to ask, then rounds."""
+        loaded = self.loader.read(sources, base_dir)
+        outcomes, keys = self._known(loaded, requests, answering=True)
         todo = [r for r, o in enumerate(outcomes) if o.tags is None and o.error is None]
         prepared = self._prepare(loaded, requests, todo)
         work: dict[int, Request] = {}
@@ -485,33 +540,43 @@ class ImageTaggingVLMMapper:
                 work[r] = Request(image=image, system_prompt=self.system_prompt, user_text=requests[r][1])
         if work:
             take = functools.partial(self._take_answer, outcomes, keys)
-            for r, error in self.runner.run(self.engine, work, take).items():
+            for r, error in self.runner.run(self.engine, work, take, self._commit_answers).items():
                 outcomes[r].error = error
         return outcomes
 
     def _known(self, loaded: list[ImageBytes | str], requests: list[tuple[int, str]],
-               *, count_hits: bool) -> tuple[list[_Outcome], list[str | None]]:
-        """What is known of each request without asking: its image's read error, or its cache key and, when the
-        cache has a usable answer, its tags."""
+               *, answering: bool) -> tuple[list[_Outcome], list[str | None]]:
+        """`_recall` for every request of a batch whose images are all read."""
         outcomes = [_Outcome() for _ in requests]
         keys: list[str | None] = [None] * len(requests)
-        for r, (img, prompt) in enumerate(requests):
-            image = loaded[img]
+        self._recall([(r, loaded[img], prompt) for r, (img, prompt) in enumerate(requests)], outcomes, keys,
+                     answering=answering)
+        return outcomes, keys
+
+    def _recall(self, asks: list[tuple[int, ImageBytes | str, str]], outcomes: list[_Outcome],
+                keys: list[str | None], *, answering: bool) -> None:
+        """What is known of requests (index, image, prompt) without asking: the image's read error, or the cache
+        key and, when the cache has a usable answer, the tags. `answering`: the run is answering these requests
+        (not exporting them for a batch), so cache hits count and batch mode's settled errors apply."""
+        for r, image, prompt in asks:
             if isinstance(image, str):
                 outcomes[r].error = image
             else:
                 keys[r] = self.cache_key(image.sha256, prompt)
         if self.cache is not None:
-            hits = self.cache.get_many(k for k in keys if k)
-            for r, key in enumerate(keys):
-                if key in hits:
+            hits = self.cache.get_many(keys[r] for r, _, _ in asks if keys[r])
+            for r, _, _ in asks:
+                if keys[r] in hits:
                     try:
-                        outcomes[r].tags = self._read_answer(hits[key])
+                        outcomes[r].tags = self._read_answer(hits[keys[r]])
                     except TagParseError:
                         continue  # e.g. stricter max_tag_length now: ask again
-                    if count_hits:
+                    if answering:
                         self.stats.add(cached=1)
-        return outcomes, keys
+        if answering and self._settled:  # batch mode: the Batch API's final errors, without a request
+            for r, _, _ in asks:
+                if keys[r] in self._settled and outcomes[r].tags is None:
+                    outcomes[r].error = self._settled[keys[r]]
 
     def _prepare(self, loaded: list[ImageBytes | str], requests: list[tuple[int, str]],
                  todo: Iterable[int]) -> dict[int, EncodedImage | str]:
@@ -528,8 +593,17 @@ class ImageTaggingVLMMapper:
         except TagParseError as e:
             return Response(error=f"unparsable answer: {e}", retryable=True, usage=resp.usage)
         if self.cache is not None and keys[r] is not None:
-            self.cache.put_many([(keys[r], resp.text or "")])
+            with self._answers_lock:
+                self._answers.append((keys[r], resp.text or ""))
         return resp
+
+    def _commit_answers(self) -> None:
+        """Write the answers kept since the last commit to the cache, in one transaction. The request runners
+        call it before they send more requests, so a crash loses no more answers than requests were in flight."""
+        with self._answers_lock:
+            rows, self._answers = self._answers, []
+        if rows and self.cache is not None:
+            self.cache.put_many(rows)
 
     # -- batch mode (vlmtag.batch): the same requests, answered through a provider's Batch API -----------------
 
@@ -539,7 +613,7 @@ class ImageTaggingVLMMapper:
         and `want(cache key)` accepts, prepared as the engine would receive it. Rows are not changed."""
         g = self.gather_rows(rows, base_dir)
         loaded = self.loader.read(g.sources, base_dir)
-        outcomes, keys = self._known(loaded, g.requests, count_hits=False)
+        outcomes, keys = self._known(loaded, g.requests, answering=False)
         todo: dict[str, int] = {}
         for r, key in enumerate(keys):
             if key is None or key in todo or outcomes[r].tags is not None or (want is not None and not want(key)):

@@ -89,19 +89,47 @@ class ImageLoader:
 
     def read(self, sources: Sequence[Source], base_dir: str | None) -> list[ImageBytes | str]:
         """Each source's bytes, or why they could not be read."""
-        remote = is_remote(base_dir or "") or any(isinstance(x, str) and is_remote(x) for x in sources)
-        return self._map(lambda source: self._read(source, base_dir), sources,
-                         self.workers if remote else self.cpu_workers)
+        return self._map(lambda source: self.load(source, base_dir), sources, self.parallelism(sources, base_dir))
 
     def prepare(self, images: Sequence[ImageBytes], max_pixels: int) -> list[EncodedImage | str]:
         """Each image decoded, downscaled and encoded for the model, or why it could not be."""
-        return self._map(lambda image: _prepare(image, max_pixels, self.geometry), images, self.cpu_workers)
+        return self._map(lambda image: self.prepare_one(image, max_pixels), images, self.cpu_workers)
+
+    def parallelism(self, sources: Sequence[Source], base_dir: str | None) -> int:
+        """Images of these sources worth loading at once: all `workers` when reads wait on the network."""
+        remote = is_remote(base_dir or "") or any(isinstance(x, str) and is_remote(x) for x in sources)
+        return self.workers if remote else self.cpu_workers
+
+    def load(self, source: Source, base_dir: str | None) -> ImageBytes | str:
+        """One source's bytes, or why they could not be read."""
+        return self._read(source, base_dir)
+
+    def prepare_one(self, image: ImageBytes, max_pixels: int) -> EncodedImage | str:
+        """One image ready for the model (its original bytes when they need no work), or why it cannot be."""
+        return _prepare(image, max_pixels, self.geometry)
+
+    def spawn(self, fn: Callable[[], T], done: Callable[[T | BaseException], None]) -> None:
+        """Run `fn` on the pool; `done` gets its result, or the exception it raised."""
+        def run() -> None:
+            try:
+                result: T | BaseException = fn()
+            except Exception as e:
+                result = e
+            done(result)
+
+        self._ensure_pool().submit(run)
 
     def close(self) -> None:
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
+
+    def _ensure_pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="vlmtag-image")
+            return self._pool
 
     def _read(self, source: Source, base_dir: str | None) -> ImageBytes | str:
         if isinstance(source, BadEntry):
@@ -125,10 +153,7 @@ class ImageLoader:
         slow the API engine's event loop, which shares the GIL."""
         if len(items) <= 1:
             return [fn(x) for x in items]
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="vlmtag-image")
-            pool = self._pool
+        pool = self._ensure_pool()
         size = -(-len(items) // workers)
         chunks = [items[i : i + size] for i in range(0, len(items), size)]
         return [y for done in pool.map(lambda chunk: [fn(x) for x in chunk], chunks) for y in done]
