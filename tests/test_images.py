@@ -526,3 +526,166 @@ def test_many_threads_share_one_client(server):
     assert len({r.source_sha256 for r in results}) == 1
     assert all(r.data == results[0].data for r in results)
 
+
+
+# ---------------------------------------------------------------------------------------------- light path
+
+
+def small(name: str = "coffee", size: tuple[int, int] = (160, 120)) -> Image.Image:
+    return photo(name).resize(size, Image.Resampling.LANCZOS)
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def with_png_chunk_before_iend(raw: bytes, kind: bytes, body: bytes) -> bytes:
+    """`raw` with one more chunk after the pixel data, where a PNG writer may put its eXIf chunk."""
+    iend = png_chunk(b"IEND", b"")
+    assert raw.endswith(iend)
+    return raw[: -len(iend)] + png_chunk(kind, body) + iend
+
+
+def gps_exif() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    exif[0x8825] = {2: (51.0, 30.0, 0.0)}  # GPS latitude
+    return exif.tobytes()
+
+
+def png_16bit_rgb() -> bytes:
+    """A 16-bit RGB PNG: Pillow opens it as mode "RGB", only IHDR tells its depth."""
+    arr = np.asarray(small(), dtype=np.uint16) * 257
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in arr)
+    ihdr = struct.pack(">IIBBBBB", arr.shape[1], arr.shape[0], 16, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(rows))
+            + png_chunk(b"IEND", b""))
+
+
+def rgba_webp() -> bytes:
+    im = small().convert("RGBA")
+    im.paste((0, 0, 0, 0), (0, 0, 40, 40))
+    return encoded(im, "WEBP")
+
+
+XMP = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF><rdf:Description photoshop:City="Home"/></rdf:RDF></x:xmpmeta>'
+JUNK = bytes(range(256)) * 160  # 40 KiB: past 1 byte per pixel (+ 16 KiB) for a 160x120 JPEG
+
+LIGHT_CASES = {
+    "RGB PNG": lambda: encoded(small(), "PNG"),
+    "L PNG": lambda: encoded(small().convert("L"), "PNG"),
+    "lossy RGB WebP": lambda: encoded(small(), "WEBP", quality=80),
+    "lossless RGB WebP": lambda: encoded(small(), "WEBP", lossless=True),
+    "L JPEG": lambda: encoded(small().convert("L"), "JPEG", quality=90),
+    "progressive JPEG": lambda: encoded(small(), "JPEG", quality=90, progressive=True),
+    "JPEG with EXIF holding only Orientation=1": lambda: encoded(small(), "JPEG", quality=90, exif=exif_with(1)),
+    "PNG with eXIf Orientation=1 after the pixels": lambda: with_png_chunk_before_iend(
+        encoded(small(), "PNG"), b"eXIf", exif_with(1)[6:]),
+    "WebP with EXIF holding only Orientation=1": lambda: encoded(small(), "WEBP", exif=exif_with(1)),
+    "JPEG with zero padding after EOI": lambda: encoded(small(), "JPEG", quality=90) + bytes(20),
+}
+
+
+@pytest.mark.parametrize("case", LIGHT_CASES)
+def test_image_that_needs_no_work_is_sent_as_its_own_bytes(case):
+    raw = LIGHT_CASES[case]()
+    enc = prepare_image(raw)
+    assert enc.data == raw
+    src = Image.open(io.BytesIO(raw))
+    assert enc.mime == Image.MIME[src.format] == {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}[
+        src.format]
+    assert (enc.width, enc.height) == src.size
+    assert enc.source_sha256 == hashlib.sha256(raw).hexdigest()
+    decode(enc)
+
+
+REENCODED_CASES = {
+    "RGBA PNG": lambda: encoded(_rgba_with_hole(), "PNG"),
+    "opaque RGBA PNG": lambda: encoded(small().convert("RGBA"), "PNG"),
+    "P PNG": lambda: encoded(small().quantize(64), "PNG"),
+    "16-bit RGB PNG": png_16bit_rgb,
+    "16-bit grey PNG": lambda: encoded(Image.fromarray(np.asarray(small().convert("L"), dtype=np.uint16) * 257), "PNG"),
+    "PNG with a tRNS chunk": lambda: encoded(small(), "PNG", transparency=(255, 255, 255)),
+    "APNG": lambda: encoded(small(), "PNG", save_all=True, append_images=[small("rocket")]),
+    "animated WebP": lambda: encoded(small(), "WEBP", save_all=True, append_images=[small("rocket")]),
+    "WebP with alpha": rgba_webp,
+    "CMYK JPEG": lambda: encoded(small().convert("CMYK"), "JPEG", quality=90),
+    "RGB-coded JPEG": lambda: encoded(small(), "JPEG", quality=90, keep_rgb=True),
+    "JPEG with orientation 6": lambda: encoded(small(), "JPEG", quality=90, exif=exif_with(6)),
+    "JPEG with GPS in its EXIF": lambda: encoded(small(), "JPEG", quality=90, exif=gps_exif()),
+    "JPEG with XMP": lambda: encoded(small(), "JPEG", quality=90, xmp=XMP),
+    "PNG with GPS in an eXIf chunk after the pixels": lambda: with_png_chunk_before_iend(
+        encoded(small(), "PNG"), b"eXIf", gps_exif()[6:]),
+    "PNG with orientation 6 in an eXIf chunk after the pixels": lambda: with_png_chunk_before_iend(
+        encoded(small(), "PNG"), b"eXIf", exif_with(6)[6:]),
+    "PNG with XMP": lambda: with_png_chunk_before_iend(
+        encoded(small(), "PNG"), b"iTXt", b"XML:com.adobe.xmp\x00\x00\x00\x00\x00" + XMP),
+    "WebP with GPS in its EXIF": lambda: encoded(small(), "WEBP", exif=gps_exif()),
+    "JPEG with junk after EOI": lambda: encoded(small(), "JPEG", quality=90) + JUNK,
+    "JPEG stuffed past 1 byte per pixel": lambda: encoded(small(), "JPEG", quality=90, comment=JUNK),
+    "PNG stuffed past its raw pixel size": lambda: with_png_chunk_before_iend(
+        encoded(small(), "PNG"), b"juNk", JUNK * 2),
+}
+
+
+@pytest.mark.parametrize("case", REENCODED_CASES)
+def test_image_that_needs_work_or_carries_metadata_is_reencoded(case):
+    raw = REENCODED_CASES[case]()
+    enc = prepare_image(raw)
+    assert enc.data != raw and enc.mime == "image/jpeg"
+    out = decode(enc)
+    assert out.format == "JPEG" and out.mode == "RGB"
+    assert not out.getexif() and "exif" not in out.info and "xmp" not in out.info
+    upright = ImageOps.exif_transpose(Image.open(io.BytesIO(raw)))
+    assert out.size == upright.size
+    assert np.asarray(out.convert("L")).std() > 20  # a photo, not a blank
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_image_over_max_pixels_is_reencoded_to_a_jpeg(fmt):
+    raw = encoded(photo("coffee"), fmt)
+    enc = prepare_image(raw, max_pixels=50_000)
+    assert enc.mime == "image/jpeg" and decode(enc).format == "JPEG"
+    assert enc.width * enc.height <= 50_000
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_reencode_sends_even_a_light_image_as_a_baseline_jpeg(fmt):
+    src = small()
+    raw = encoded(src, fmt)
+    assert prepare_image(raw).data == raw  # would go the light way
+
+    enc = prepare_image(raw, reencode=True)
+
+    assert enc.data != raw and enc.mime == "image/jpeg"
+    out = decode(enc)
+    assert out.format == "JPEG" and "progressive" not in out.info
+    assert out.size == src.size
+    assert psnr(out.convert("RGB"), Image.open(io.BytesIO(raw)).convert("RGB")) > 30
+    assert load_image(raw, reencode=True) == enc
+
+
+@pytest.mark.parametrize("fmt", ["WEBP", "PNG", "JPEG"])
+@pytest.mark.parametrize("cut", ["half", "last byte", "end marker"])
+def test_truncated_small_image_is_never_sent_as_is(fmt, cut):
+    raw = encoded(small(), fmt)
+    keep = {"half": len(raw) // 2, "last byte": len(raw) - 1, "end marker": len(raw) - (12 if fmt == "PNG" else 2)}
+    bad = raw[: keep[cut]]
+    try:
+        enc = prepare_image(bad)
+    except ImageError:
+        return
+    assert enc.data != bad and enc.mime == "image/jpeg"
+
+
+def test_arithmetic_coded_jpeg_is_not_sent_as_is():
+    """Browsers and other decoders lack arithmetic coding: the frame marker says SOF9, not a light path."""
+    raw = bytearray(encoded(small(), "JPEG", quality=90))
+    sof = raw.index(b"\xff\xc0")
+    raw[sof + 1] = 0xC9
+    raw = bytes(raw)
+    try:
+        enc = prepare_image(raw)
+    except ImageError:
+        return
+    assert enc.data != raw and enc.mime == "image/jpeg"

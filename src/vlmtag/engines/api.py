@@ -337,6 +337,7 @@ class ApiEngine(Engine):
         self._rpm: AsyncLimiter | None = None
         self._tpm: AsyncLimiter | None = None
         self._tasks: set[asyncio.Task] = set()  # requests started by `send`
+        self._loop_thread_id: int | None = None
 
     def __repr__(self) -> str:
         return (
@@ -354,6 +355,7 @@ class ApiEngine(Engine):
             ready = threading.Event()
 
             def run() -> None:
+                self._loop_thread_id = threading.get_ident()
                 asyncio.set_event_loop(loop)
                 loop.call_soon(ready.set)
                 loop.run_forever()
@@ -415,8 +417,13 @@ class ApiEngine(Engine):
     def send(self, items: Sequence[tuple[tuple[bytes, int], OnResponse]]) -> None:
         """Start each request on the engine's loop (one wake-up for all of them); `on_response` runs on that
         loop's thread as each answer arrives. A request still out when the engine closes gets an error response."""
-        if items:
-            self._ensure_loop().call_soon_threadsafe(self._start, list(items))
+        if not items:
+            return
+        loop = self._ensure_loop()
+        if threading.get_ident() == self._loop_thread_id:  # from an answer's callback: no need to wake the loop
+            self._start(list(items))
+        else:
+            loop.call_soon_threadsafe(self._start, list(items))
 
     def _start(self, items: list[tuple[tuple[bytes, int], OnResponse]]) -> None:
         for (payload, tokens), on_response in items:

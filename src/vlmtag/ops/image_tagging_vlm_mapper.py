@@ -181,7 +181,7 @@ class ImageTaggingVLMMapper:
             limits=FetchLimits(read_timeout=opts.fetch_timeout, max_bytes=opts.max_image_bytes),
             try_num=opts.try_num, workers=opts.image_workers, wait=self.runner.wait,
             geometry={"max_aspect_ratio": opts.max_aspect_ratio, "min_side": opts.min_image_side,
-                      "pad_to_aspect": opts.pad_to_aspect},
+                      "pad_to_aspect": opts.pad_to_aspect, "reencode": opts.reencode_images},
         )
 
     @property
@@ -250,6 +250,8 @@ class ImageTaggingVLMMapper:
             "schema": self.json_schema,
             "max_pixels": o.max_pixels,
         }
+        if o.reencode_images:  # only when set, so the caches of earlier runs keep their keys
+            doc["reencode_images"] = True
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
     def cache_key(self, image_sha256: str, prompt: str) -> str:
@@ -484,42 +486,49 @@ class ImageTaggingVLMMapper:
         by_image: list[list[int]] = [[] for _ in sources]
         for r, (img, _) in enumerate(requests):
             by_image[img].append(r)
-        jobs = [functools.partial(self._image_job, sources[img], [(r, requests[r][1]) for r in rs], outcomes, keys,
-                                  base_dir) for img, rs in enumerate(by_image) if rs]
+        images = [(sources[img], [(r, requests[r][1]) for r in rs]) for img, rs in enumerate(by_image) if rs]
+        load = functools.partial(self._load_images, outcomes=outcomes, keys=keys, base_dir=base_dir)
         take = functools.partial(self._take_answer, outcomes, keys)
-        for r, error in self._dispatch().run(jobs, take, parallel=self.loader.parallelism(sources, base_dir)).items():
+        parallel = self.loader.parallelism(sources, base_dir)
+        for r, error in self._dispatch().run(images, load, take, parallel=parallel).items():
             outcomes[r].error = error
         return outcomes
 
-    def _image_job(self, source: Source, asks: list[tuple[int, str]], outcomes: list[_Outcome],
-                   keys: list[str | None], base_dir: str | None) -> dict[int, tuple[Request, Any]]:
-        """One image of a streamed batch, on the loader's pool: read and hash it, answer what the cache knows,
-        prepare it, and return its requests still to ask (by index), each with the engine's wire form."""
-        image = self.loader.load(source, base_dir)
-        self._recall([(r, image, prompt) for r, prompt in asks], outcomes, keys, answering=True)
-        todo = [(r, prompt) for r, prompt in asks if outcomes[r].tags is None and outcomes[r].error is None]
-        if not todo or isinstance(image, str):
-            return {}
-        prepared = self.loader.prepare_one(image, self.options.max_pixels)
-        work: dict[int, tuple[Request, Any]] = {}
-        for r, prompt in todo:
-            if isinstance(prepared, str):
-                outcomes[r].error = prepared
+    def _load_images(self, chunk: list[tuple[Source, list[tuple[int, str]]]], *, outcomes: list[_Outcome],
+                     keys: list[str | None], base_dir: str | None) -> list[dict[int, tuple[Request, Any]]]:
+        """Images of a streamed batch (each with its requests: index, prompt), on a loader thread: read and hash
+        them, answer what the cache knows (one look-up for the chunk), prepare each image that is still to ask;
+        for each image, its requests still to ask by index, each with the engine's wire form."""
+        loaded = [self.loader.load(source, base_dir) for source, _ in chunk]
+        self._recall([(r, image, prompt) for image, (_, asks) in zip(loaded, chunk) for r, prompt in asks],
+                     outcomes, keys, answering=True)
+        engine = self.engine
+        results: list[dict[int, tuple[Request, Any]]] = []
+        for image, (_, asks) in zip(loaded, chunk):
+            work: dict[int, tuple[Request, Any]] = {}
+            results.append(work)
+            todo = [(r, prompt) for r, prompt in asks if outcomes[r].tags is None and outcomes[r].error is None]
+            if not todo or isinstance(image, str):
                 continue
-            request = Request(image=prepared, system_prompt=self.system_prompt, user_text=prompt)
-            try:
-                work[r] = (request, self.engine.encode(request))
-            except ValueError as e:
-                outcomes[r].error = str(e)
-        return work
+            prepared = self.loader.prepare_one(image, self.options.max_pixels)
+            for r, prompt in todo:
+                if isinstance(prepared, str):
+                    outcomes[r].error = prepared
+                    continue
+                request = Request(image=prepared, system_prompt=self.system_prompt, user_text=prompt)
+                try:
+                    work[r] = (request, engine.encode(request))
+                except ValueError as e:
+                    outcomes[r].error = str(e)
+        return results
 
     def _dispatch(self) -> Dispatcher:
         engine = self.engine
         with self._engine_lock:
             if self._dispatcher is None:
                 concurrency = self.options.concurrency
-                self._dispatcher = Dispatcher(engine, self.runner, concurrency=concurrency, lookahead=concurrency,
-                                              spawn=self.loader.spawn, commit=self._commit_answers)
+                self._dispatcher = Dispatcher(engine, self.runner, concurrency=concurrency,
+                                              spawn=self.loader.submit, commit=self._commit_answers)
             return self._dispatcher
 
     def _answer_in_rounds(self, sources: list[Source], requests: list[tuple[int, str]],

@@ -77,7 +77,7 @@ class ImageLoader:
     def __init__(self, *, limits: FetchLimits, try_num: int, workers: int, wait: Callable[[int], float],
                  geometry: dict[str, Any] | None = None) -> None:
         self.limits = limits
-        self.geometry = geometry or {}  # prepare_image's model limits: max_aspect_ratio, min_side, pad_to_aspect
+        self.geometry = geometry or {}  # prepare_image's options: max_aspect_ratio, min_side, pad_to_aspect, reencode
         self.try_num = try_num
         self.workers = workers
         # Local reads and preparing are CPU work, where threads beyond a few per core only fight over the GIL
@@ -108,16 +108,9 @@ class ImageLoader:
         """One image ready for the model (its original bytes when they need no work), or why it cannot be."""
         return _prepare(image, max_pixels, self.geometry)
 
-    def spawn(self, fn: Callable[[], T], done: Callable[[T | BaseException], None]) -> None:
-        """Run `fn` on the pool; `done` gets its result, or the exception it raised."""
-        def run() -> None:
-            try:
-                result: T | BaseException = fn()
-            except Exception as e:
-                result = e
-            done(result)
-
-        self._ensure_pool().submit(run)
+    def submit(self, fn: Callable[[], Any]) -> None:
+        """Run `fn` on the pool, for what it does (its result and exceptions are its own business)."""
+        self._ensure_pool().submit(fn)
 
     def close(self) -> None:
         with self._lock:

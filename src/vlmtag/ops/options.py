@@ -66,6 +66,8 @@ class TaggerOptions(BaseModel):
     min_image_side: int = Field(1, ge=1, description="pixels; an image with a shorter side is not sent")
     pad_to_aspect: bool = Field(False, description="pad an image beyond max_aspect_ratio instead of refusing it")
     max_text_chars: int = Field(4000, ge=0, description="characters of the sample's text put in the prompt")
+    reencode_images: bool = Field(False, description="decode every image and send it as a JPEG, even one that "
+                                  "could go as it is (for servers that take one format)")
     # Batch mode (vlmtag.batch): the same requests through the provider's Batch API, at its price.
     batch_api: bool = Field(False, description="send the work through the Batch API of the same base_url")
     batch_max_requests: int = Field(50_000, ge=1, description="request lines per Batch API input file")

@@ -1,0 +1,138 @@
+"""Streaming within a batch (API engine): a request leaves as soon as its image is ready, a retry waits only for
+its own backoff, and images that need no work are sent as their own bytes unless `reencode_images` is set."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import io
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+from openai_server import OpenAIServer, Reply, say
+from vlmtag import ImageTaggingVLMMapper
+
+
+@pytest.fixture
+def server():
+    with OpenAIServer() as s:
+        s.behaviour = say
+        yield s
+
+
+def make_op(server, **kw) -> ImageTaggingVLMMapper:
+    kw.setdefault("retry_backoff", 0.01)
+    kw.setdefault("model_params", {"base_url": server.base_url, "api_key": "k", "timeout": 10})
+    return ImageTaggingVLMMapper("test-model", is_api_model=True, **kw)
+
+
+def png_bytes(i: int, size=(48, 32)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (i * 40 % 256, 90, 200 - i)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+class SlowImages(http.server.BaseHTTPRequestHandler):
+    """Serves /slow.png after `release` is set (or 5 s)."""
+
+    release: threading.Event
+    served_at: list[float]
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        self.release.wait(5)
+        body = png_bytes(99)
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        self.served_at.append(time.monotonic())
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def slow_images():
+    handler = type("Handler", (SlowImages,), {"release": threading.Event(), "served_at": []})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield handler, f"http://127.0.0.1:{httpd.server_address[1]}/slow.png"
+    handler.release.set()
+    httpd.shutdown()
+
+
+def test_requests_leave_while_a_slow_image_of_the_same_batch_is_still_downloading(server, slow_images):
+    handler, url = slow_images
+    rows = [{"images": [url], "text": "say: slow"}]
+    rows += [{"image_bytes": [png_bytes(i)], "images": [f"row{i}.png"], "text": f"say: fast-{i}"} for i in range(6)]
+    asked: list[float] = []
+
+    def behaviour(body, attempt):
+        asked.append(time.monotonic())
+        if len(asked) == 6:
+            handler.release.set()  # the slow image is held back until six requests came (or for 5 s)
+        return say(body, attempt)
+
+    server.behaviour = behaviour
+    op = make_op(server, batch_size=16)
+    try:
+        out = op.process_rows(rows)
+    finally:
+        op.close()
+
+    assert [r["__dj__meta__"]["image_tags"] for r in out] == [[["slow"]]] + [[[f"fast-{i}"]] for i in range(6)]
+    assert len(asked) == 7
+    assert max(asked[:6]) < handler.served_at[0] < asked[6]  # six requests left before the slow image was read
+
+
+def test_a_retry_does_not_wait_for_the_slowest_request_of_its_batch(server):
+    """Rounds would send the retry only once every first attempt is back, the slow one included."""
+    asked: dict[str, list[float]] = {}
+
+    def behaviour(body, attempt):
+        text = str(body)
+        word = "flaky" if "flaky" in text else "slow" if "slow" in text else "other"
+        asked.setdefault(word, []).append(time.monotonic())
+        if word == "flaky" and attempt == 1:
+            return Reply.server_error(503)
+        if word == "slow":
+            return Reply.slow(2.0, then=Reply.tags(["slow"]))
+        return say(body, attempt)
+
+    server.behaviour = behaviour
+    rows = [{"image_bytes": [png_bytes(0)], "images": ["s.png"], "text": "say: slow"},
+            {"image_bytes": [png_bytes(1)], "images": ["f.png"], "text": "say: flaky"}]
+    op = make_op(server, concurrency=4)
+    try:
+        out = op.process_rows(rows)
+    finally:
+        op.close()
+    assert [r["__dj__meta__"]["image_tags"] for r in out] == [[["slow"]], [["flaky"]]]
+    assert len(asked["flaky"]) == 2
+    assert asked["flaky"][1] - asked["slow"][0] < 1.0  # the retry went while the slow request was out
+
+
+@pytest.mark.parametrize(("reencode", "mime"), [(False, "image/png"), (True, "image/jpeg")])
+def test_an_image_that_needs_no_work_is_sent_as_its_own_bytes_unless_reencode_images(server, reencode, mime):
+    raw = png_bytes(3)
+    op = make_op(server, reencode_images=reencode)
+    try:
+        [out] = op.process_rows([{"image_bytes": [raw], "images": ["x.png"], "text": "say: plot"}])
+    finally:
+        op.close()
+    assert out["__dj__meta__"]["image_tags"] == [["plot"]]
+    url = server.requests[0].body["messages"][-1]["content"][1]["image_url"]["url"]
+    assert url.startswith(f"data:{mime};base64,")
+    sent = base64.b64decode(url.split(",", 1)[1])
+    assert (sent == raw) is (not reencode)
+    assert Image.open(io.BytesIO(sent)).size == (48, 32)
+
+
+def test_reencode_images_changes_the_cache_key_only_when_set(server):
+    plain, default, forced = (make_op(server), make_op(server, reencode_images=False),
+                              make_op(server, reencode_images=True))
+    assert plain.fingerprint == default.fingerprint != forced.fingerprint
