@@ -1,8 +1,10 @@
 """`image_tagging_vlm_mapper`: tag every image of a sample with a vision-language model.
 
 The operator gathers a batch into requests (one per distinct image and prompt), has its image loader read
-them and its request runner send them, parses the answers into tags and scatters them into each sample's meta
-field, aligned with the sample's `images`. Rows come in, the same rows go out, in the same order.
+them and sends them: with an engine that streams (the API engine) each request leaves as soon as its image is
+ready (`stream.Dispatcher`); with one that works in batches, in rounds (`requests.RequestRunner`). It parses the
+answers into tags and scatters them into each sample's meta field, aligned with the sample's `images`. Rows
+come in, the same rows go out, in the same order.
 """
 
 from __future__ import annotations

@@ -72,7 +72,8 @@ def resolve(path: str, base_dir: str | None) -> str:
 
 
 class ImageLoader:
-    """Reads and prepares images on one thread pool, shared by every batch of the operator."""
+    """Reads and prepares images on one thread pool, shared by every batch of the operator (the streaming
+    dispatcher runs its loader threads on it too)."""
 
     def __init__(self, *, limits: FetchLimits, try_num: int, workers: int, wait: Callable[[int], float],
                  geometry: dict[str, Any] | None = None) -> None:

@@ -47,7 +47,7 @@ class _Batch:
     load: LoadImages
     take: TakeAnswer
     parallel: int  # loader threads worth running for this batch (reads that wait on the network: more)
-    jobs_left: int  # image jobs not finished
+    images_left: int  # images not loaded yet
     requests: dict[int, tuple[Request, Any]] = field(default_factory=dict)  # not finished yet
     attempts: dict[int, int] = field(default_factory=dict)
     errors: dict[int, str] = field(default_factory=dict)
@@ -57,13 +57,14 @@ class _Batch:
 
     @property
     def finished(self) -> bool:
-        return self.jobs_left == 0 and not self.requests
+        return self.images_left == 0 and not self.requests
 
 
 class Dispatcher:
     """Sends the requests of an operator's batches through a streaming engine; see the module's docstring."""
 
-    def __init__(self, engine: Engine, runner: RequestRunner, *, concurrency: int, spawn: Callable[[Callable[[], None]], None], commit: Callable[[], None]) -> None:
+    def __init__(self, engine: Engine, runner: RequestRunner, *, concurrency: int,
+                 spawn: Callable[[Callable[[], None]], None], commit: Callable[[], None]) -> None:
         self._engine = engine
         self._runner = runner
         self._concurrency = concurrency
@@ -89,7 +90,7 @@ class Dispatcher:
         the run should stop (once the requests already out have been answered and kept)."""
         if not images:
             return {}
-        batch = _Batch(load=load, take=take, parallel=parallel, jobs_left=len(images))
+        batch = _Batch(load=load, take=take, parallel=parallel, images_left=len(images))
         with self._cond:
             self._active.append(batch)
             self._images.extend((batch, image) for image in images)
@@ -107,7 +108,7 @@ class Dispatcher:
         except BaseException:
             with self._cond:
                 batch.dropped = True
-                batch.jobs_left -= sum(1 for b, _ in self._images if b is batch)
+                batch.images_left -= sum(1 for b, _ in self._images if b is batch)
                 self._images = collections.deque(x for x in self._images if x[0] is not batch)
             raise
         if batch.failure is not None:
@@ -147,7 +148,7 @@ class Dispatcher:
             with self._cond:
                 self._image_seconds += 0.2 * (seconds - self._image_seconds)
                 self._loading -= len(chunk)
-                batch.jobs_left -= len(chunk)
+                batch.images_left -= len(chunk)
                 if isinstance(results, BaseException):
                     batch.failure = batch.failure or results
                 elif not batch.dropped:
