@@ -1,4 +1,5 @@
-"""Shared fixtures: real public-domain photos from scikit-image, written to disk as a user would have them."""
+"""Shared fixtures: real public-domain photos from scikit-image, written to disk as a user would have them, and a
+loopback OpenAI-compatible server that answers what each row's text says (`say`); a module may define its own."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+
+from openai_server import OpenAIServer, say
 
 PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket")
 
@@ -43,3 +46,10 @@ def tiny_vlm_dirs(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("tiny-vlms")
     return {"qwen2_5_vl": build_tiny_qwen2_5_vl(root / "qwen2_5_vl"), "smolvlm": build_tiny_smolvlm(root / "smolvlm")}
+
+
+@pytest.fixture
+def server():
+    with OpenAIServer() as s:
+        s.behaviour = say
+        yield s

@@ -12,27 +12,14 @@ import subprocess
 import sys
 
 import pyarrow as pa
-import pytest
 import yaml
 
-from openai_server import OpenAIServer, say
+from taggers import make_op
 from vlmtag import ImageTaggingVLMMapper
 from vlmtag.cli import main
 from vlmtag.dj import DJ_OP_NAME, OP_NAME, SERVE_DJ_NAME_ENV, default_cache_path, plugin_path
 from vlmtag.dj.signature import DJ_KEYWORD, DJ_POSITIONAL, op_signature, tagger_names
 from vlmtag.ops.options import TaggerArguments
-
-
-@pytest.fixture
-def server():
-    with OpenAIServer() as s:
-        s.behaviour = say
-        yield s
-
-
-def make_op(server, **kw) -> ImageTaggingVLMMapper:
-    return ImageTaggingVLMMapper("test-model", is_api_model=True, retry_backoff=0.01,
-                                 model_params={"base_url": server.base_url, "api_key": "k", "timeout": 5}, **kw)
 
 
 def test_a_recipe_with_other_operators_names_them_and_says_how_to_run_it_with_dj_process(tmp_path, capsys, photo_dir):

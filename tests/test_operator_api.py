@@ -15,24 +15,16 @@ import threading
 import pytest
 from PIL import Image
 
-from openai_server import OpenAIServer, Reply, say, user_text
+import taggers
+from openai_server import Reply, say, user_text
 from vlmtag import ImageTaggingVLMMapper, RunAborted
 from vlmtag.cli import main
 
 SECRET = "sk-test-SECRET-key-123456"
 
 
-@pytest.fixture
-def server():
-    with OpenAIServer() as s:
-        s.behaviour = say
-        yield s
-
-
 def make_op(server, **kw) -> ImageTaggingVLMMapper:
-    kw.setdefault("retry_backoff", 0.01)
-    kw.setdefault("model_params", {"base_url": server.base_url, "api_key": SECRET, "timeout": 5})
-    return ImageTaggingVLMMapper("test-model", is_api_model=True, **kw)
+    return taggers.make_op(server, api_key=SECRET, **kw)
 
 
 def row(*images, text="say: cat sofa", **extra) -> dict:

@@ -12,21 +12,8 @@ import time
 import pytest
 from PIL import Image
 
-from openai_server import OpenAIServer, Reply, say
-from vlmtag import ImageTaggingVLMMapper
-
-
-@pytest.fixture
-def server():
-    with OpenAIServer() as s:
-        s.behaviour = say
-        yield s
-
-
-def make_op(server, **kw) -> ImageTaggingVLMMapper:
-    kw.setdefault("retry_backoff", 0.01)
-    kw.setdefault("model_params", {"base_url": server.base_url, "api_key": "k", "timeout": 10})
-    return ImageTaggingVLMMapper("test-model", is_api_model=True, **kw)
+from openai_server import Reply, say
+from taggers import make_op
 
 
 def png_bytes(i: int, size=(48, 32)) -> bytes:

@@ -101,10 +101,6 @@ class ImageLoader:
         remote = is_remote(base_dir or "") or any(isinstance(x, str) and is_remote(x) for x in sources)
         return self.workers if remote else self.cpu_workers
 
-    def load(self, source: Source, base_dir: str | None) -> ImageBytes | str:
-        """One source's bytes, or why they could not be read."""
-        return self._read(source, base_dir)
-
     def prepare_one(self, image: ImageBytes, max_pixels: int) -> EncodedImage | str:
         """One image ready for the model (its original bytes when they need no work), or why it cannot be."""
         return _prepare(image, max_pixels, self.geometry)
@@ -125,7 +121,8 @@ class ImageLoader:
                 self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="vlmtag-image")
             return self._pool
 
-    def _read(self, source: Source, base_dir: str | None) -> ImageBytes | str:
+    def load(self, source: Source, base_dir: str | None) -> ImageBytes | str:
+        """One source's bytes, or why they could not be read."""
         if isinstance(source, BadEntry):
             return source.error
         if isinstance(source, bytes):
