@@ -1,5 +1,3 @@
-import sys
+from vlmtag.cli import entry
 
-from vlmtag.cli import main
-
-sys.exit(main())
+entry()

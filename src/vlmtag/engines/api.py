@@ -8,6 +8,8 @@ Requests run concurrently on one private event loop in a background daemon threa
 `generate` / `run_batch` calls together, whichever threads they come from.
 
 Each connection is its own single-connection `httpx.AsyncHTTPTransport` (all sharing one TLS context).
+httpx is imported on the engine's own thread when it starts (`start`, ahead of the first request), not when the
+engine is built: a run's first images are prepared meanwhile.
 One client with a pool of N connections would be simpler, but httpcore scans every connection of
 its pool on each request: at 32 connections that caps one core at ~450 requests/s against a
 zero-latency server, where 32 single-connection clients reach ~1,500. Requests go to the transports
@@ -26,11 +28,12 @@ import json
 import logging
 import os
 import re
+import ssl
 import threading
 import time
-from typing import Any, Callable, Mapping, Sequence
+import urllib.parse
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-import httpx
 from aiolimiter import AsyncLimiter
 
 from vlmtag.cost import text_tokens, visual_tokens
@@ -39,6 +42,9 @@ from vlmtag.engines.base import (
     CLIENT_PARAMS, Engine, EngineError, EngineSettings, OnResponse, Request, Response, Usage, chat_messages,
 )
 from vlmtag.engines.sampling import answer_budget
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -318,12 +324,11 @@ class ApiEngine(Engine):
         self._redact = _Redactor(api_key)
 
         headers = {"Content-Type": "application/json", "Accept": "application/json", **client_headers(params, api_key)}
-        query = client_query(params)
         self._headers = headers
-        self._request_url = httpx.URL(self._url).copy_merge_params(query) if query else httpx.URL(self._url)
-        self._timeouts = httpx.Timeout(self._timeout).as_dict()
-        self._origin = self._request_url.netloc.decode("ascii")  # host[:port], never credentials
-        self._limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        self._query = client_query(params)
+        self._origin = _origin(self._url)  # host[:port], never credentials
+        self._request_url: httpx.URL | None = None  # made with the connections, on the engine's thread
+        self._timeouts: dict[str, float | None] = {}
         # Checked now so a bad rate fails at build time; the limiters themselves are made on the
         # engine's loop.
         _make_limiter(settings.max_requests_per_minute, "max_requests_per_minute")
@@ -346,6 +351,10 @@ class ApiEngine(Engine):
         )
 
     # -- the loop thread -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the engine's thread and loop, and make its connections (they connect on first use)."""
+        self._ensure_loop()
 
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:
@@ -373,9 +382,17 @@ class ApiEngine(Engine):
             return loop
 
     async def _open(self) -> None:
-        tls = httpx.create_ssl_context()  # made once: a context per connection costs ~20 ms each
-        self._clients = [httpx.AsyncHTTPTransport(verify=tls, limits=self._limits)
-                         for _ in range(self._concurrency)]
+        import httpx
+
+        url = httpx.URL(self._url)
+        self._request_url = url.copy_merge_params(self._query) if self._query else url
+        self._timeouts = httpx.Timeout(self._timeout).as_dict()
+        if url.scheme == "https":
+            tls = httpx.create_ssl_context()  # made once: a context per connection costs ~20 ms each
+        else:  # plain http never shakes hands: spare loading the CA bundle (one that verifies, all the same)
+            tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        one = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        self._clients = [httpx.AsyncHTTPTransport(verify=tls, limits=one) for _ in range(self._concurrency)]
         self._idle = asyncio.Queue()
         for client in self._clients:
             self._idle.put_nowait(client)
@@ -480,6 +497,8 @@ class ApiEngine(Engine):
         return list(await asyncio.gather(*(one(i, job) for i, job in enumerate(jobs))))
 
     async def _one(self, payload: bytes, tokens: int) -> Response:
+        import httpx
+
         assert self._idle is not None
         client = await self._idle.get()
         try:
@@ -507,6 +526,8 @@ class ApiEngine(Engine):
         return self._classify(reply)
 
     async def _post(self, transport: httpx.AsyncHTTPTransport, payload: bytes) -> httpx.Response:
+        import httpx
+
         request = httpx.Request("POST", self._request_url, headers=self._headers, content=payload,
                                 extensions={"timeout": self._timeouts})
         response = await transport.handle_async_request(request)
@@ -517,6 +538,8 @@ class ApiEngine(Engine):
         return response
 
     def _describe(self, e: BaseException) -> str:
+        import httpx
+
         text = str(e) or type(e).__name__
         if isinstance(e, httpx.RemoteProtocolError) and "without sending" in text:
             text = "server closed the connection without a response"
@@ -550,6 +573,12 @@ class ApiEngine(Engine):
                 error += f" (error: {self._redact(server_message(json.dumps(data).encode()))})"
             return Response(error=error, retryable=True, status=status, usage=_usage_of(data))
         return Response(text=text, status=status, usage=_usage_of(data))
+
+
+def _origin(url: str) -> str:
+    """host[:port] of `url`, without credentials: what connection errors name."""
+    parts = urllib.parse.urlsplit(url)
+    return parts.netloc.rpartition("@")[2]
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:

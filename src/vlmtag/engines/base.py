@@ -133,6 +133,10 @@ class Engine(abc.ABC):
             on_response(i, response)
         return responses
 
+    def start(self) -> None:  # noqa: B027 - optional hook
+        """Get ready to send (threads, connections) ahead of the first request, so that it does not wait for
+        them. Optional, idempotent; a failure here is raised again by the first `send` or `generate`."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release clients, threads or models."""
 

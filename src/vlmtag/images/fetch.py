@@ -27,11 +27,12 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
-from typing import IO, Callable
-
-import httpx
+from typing import IO, TYPE_CHECKING, Callable
 
 from vlmtag.urls import scheme_of
+
+if TYPE_CHECKING:  # imported where a URL is fetched: a run on local files does without it
+    import httpx
 
 
 class ImageError(ValueError):
@@ -234,6 +235,8 @@ def _http_client() -> httpx.Client:
     client = _client
     if client is not None and _client_pid == os.getpid():
         return client
+    import httpx
+
     with _client_lock:
         if _client is None or _client_pid != os.getpid():
             _client = httpx.Client(
@@ -255,6 +258,8 @@ def _user_agent() -> str:
 
 
 def _read_http(url: str, limits: FetchLimits) -> bytes:
+    import httpx
+
     shown = redact_url(url)
     timeout = httpx.Timeout(
         connect=limits.connect_timeout,

@@ -76,6 +76,7 @@ class Dispatcher:
         self._ready: collections.deque[tuple[_Batch, int]] = collections.deque()  # prepared, not sent
         self._retries: list[tuple[float, int, _Batch, int]] = []  # heap of (when, tie-break, batch, key)
         self._tie = itertools.count()
+        self._started = False  # the engine's start was asked for
         self._loaders = 0  # loader loops running
         self._loading = 0  # images being loaded
         self._out = 0  # requests sent whose answer has not been kept yet
@@ -92,9 +93,12 @@ class Dispatcher:
             return {}
         batch = _Batch(load=load, take=take, parallel=parallel, images_left=len(images))
         with self._cond:
+            start, self._started = not self._started, True
             self._active.append(batch)
             self._images.extend((batch, image) for image in images)
             go = self._step()
+        if start:  # the engine gets ready while the first images load
+            self._spawn(self._engine.start)
         self._go(*go)
         try:
             while True:
