@@ -179,6 +179,23 @@ def test_bad_client_settings_fail_when_built(bad):
         ApiEngine(EngineSettings(model="m", kind="api", model_params={"base_url": "http://h/v1", **bad}))
 
 
+@pytest.mark.parametrize("url", ["http://[::1/v1", "http://h:port/v1", "http:///v1"])
+def test_a_malformed_base_url_fails_when_built_without_showing_its_credentials(url):
+    url = url.replace("://", f"://user:{SECRET}@")
+    with pytest.raises(EngineError, match="the API URL is not valid") as info:
+        ApiEngine(EngineSettings(model="m", kind="api", model_params={"base_url": url}))
+    assert SECRET not in str(info.value)
+
+
+def test_start_gets_the_engine_ready_ahead_of_its_first_request(server, make_engine):
+    engine = make_engine()
+    engine.start()
+    engine.start()  # again: nothing more
+    assert server.count == 0  # connections are made ready, not opened
+    [response] = engine.generate([request()])
+    assert response.ok and server.count == 1
+
+
 def test_extract_follows_a_dot_path_with_list_indices():
     answer = {"choices": [{"message": {"content": "first"}}, {"message": {"content": "second"}}]}
     assert extract(answer, "choices.0.message.content") == "first"

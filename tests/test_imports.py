@@ -45,3 +45,13 @@ def test_the_lazy_names_still_resolve():
         "assert ImageTaggingVLMMapper.__name__ == 'ImageTaggingVLMMapper'"
     )
     assert "cv2" in loaded_after(statement, CODECS)  # prepare_image was asked for, so its codecs are loaded
+
+
+def test_the_api_engine_loads_its_http_client_when_it_starts_not_when_it_is_built():
+    build = (
+        "from vlmtag.engines import EngineSettings, create_engine\n"
+        "engine = create_engine(EngineSettings(kind='api', model='m', "
+        "model_params={'base_url': 'http://127.0.0.1:9/v1'}))"
+    )
+    assert loaded_after("import vlmtag.run\n" + build, ["httpx"]) == []  # a run's first images load meanwhile
+    assert loaded_after(build + "\nengine.start()\nengine.close()", ["httpx"]) == ["httpx"]

@@ -576,8 +576,14 @@ class ApiEngine(Engine):
 
 
 def _origin(url: str) -> str:
-    """host[:port] of `url`, without credentials: what connection errors name."""
-    parts = urllib.parse.urlsplit(url)
+    """host[:port] of `url`, without credentials (what connection errors name); EngineError when it is no URL."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError as e:  # the message names the fault, not the URL, which may hold a key
+        raise EngineError(f"the API URL is not valid: {e}") from None
+    if not parts.hostname:
+        raise EngineError("the API URL is not valid: it names no host")
     return parts.netloc.rpartition("@")[2]
 
 
