@@ -12,13 +12,8 @@ from typing import Any, Callable, Sequence, TypeVar, Union
 
 from tenacity import Retrying, retry_if_exception, stop_after_attempt
 
-from vlmtag.images import (
-    EncodedImage,
-    FetchLimits,
-    ImageError,
-    prepare_image,
-    read_source,
-)
+from vlmtag.images import EncodedImage, FetchLimits, ImageError, read_source
+from vlmtag.images.light import as_is
 from vlmtag.urls import is_remote, scheme_of
 
 T = TypeVar("T")
@@ -152,6 +147,13 @@ class ImageLoader:
 
 def _prepare(image: ImageBytes, max_pixels: int, geometry: dict[str, Any]) -> EncodedImage | str:
     try:
+        light = as_is(image.data, max_pixels=max_pixels, sha256=image.sha256, **geometry)
+        if light is not None:
+            return light
+        # NumPy, OpenCV and simplejpeg load with the first image that needs decoding (~0.2 s): a job of images
+        # that all go as they are never pays for them
+        from vlmtag.images.prepare import prepare_image
+
         return prepare_image(image.data, max_pixels=max_pixels, sha256=image.sha256, **geometry)
     except ImageError as e:
         return str(e)
