@@ -8,13 +8,14 @@ Requests run concurrently on one private event loop in a background daemon threa
 `generate` / `run_batch` calls together, whichever threads they come from.
 
 Each connection is its own single-connection `httpx.AsyncHTTPTransport` (all sharing one TLS context).
-httpx is imported on the engine's own thread when it starts (`start`, ahead of the first request), not when the
-engine is built: a run's first images are prepared meanwhile.
 One client with a pool of N connections would be simpler, but httpcore scans every connection of
 its pool on each request: at 32 connections that caps one core at ~450 requests/s against a
 zero-latency server, where 32 single-connection clients reach ~1,500. Requests go to the transports
 directly: an API call needs no cookies, auth flow or redirects, and that client layer is about a third
 of httpx's CPU per request.
+
+httpx is imported on the engine's own thread when it starts (`start`, ahead of the first request), not when the
+engine is built: a run's first images are read and prepared meanwhile.
 
 Where a request is built: `build_body`. Where an answer is read: `extract`. Both are pure.
 """

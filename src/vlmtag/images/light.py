@@ -13,7 +13,8 @@ plus a few byte checks), without decoding a pixel. An image qualifies when all o
   (not CMYK/YCCK, not RGB-coded), a PNG of bit depth 8 and colour type 0 or 2 (read from IHDR: Pillow calls a
   16-bit RGB PNG "RGB"), a WebP without alpha. No palette, no alpha, no tRNS transparency, no animation (APNG,
   animated WebP): decoders differ in how they flatten transparency, map palettes, reduce 16 bits to 8, convert
-  CMYK or pick a frame, so those images take the conversions below, done once and the same way for every server.
+  CMYK or pick a frame, so those images take ``prepare.py``'s conversions, done once and the same way for
+  every server.
 - Upright and private: no EXIF block, or one holding nothing but Orientation = 1 and the structural tags
   (resolution, YCbCr positioning), in a single IFD. An EXIF orientation other than 1 needs the pixels turned;
   EXIF with anything more (camera maker, GPS position, dates, a thumbnail), an XMP packet or IPTC (Photoshop)
@@ -41,8 +42,8 @@ from PIL import Image, UnidentifiedImageError
 from vlmtag.images.encoded import EncodedImage
 from vlmtag.images.fetch import ImageError
 
-__all__ = ["ALLOWED_FORMATS", "MAX_SOURCE_PIXELS", "as_is", "check_geometry", "decode_error", "light_mime",
-           "open_header", "exif_orientation"]
+__all__ = ["ALLOWED_FORMATS", "MAX_SOURCE_PIXELS", "as_is", "check_geometry", "decode_error", "exif_orientation",
+           "light_mime", "open_header"]
 
 # Largest decoded image accepted (width * height), checked from the header before any pixel is decoded.
 # Pillow's own default; Pillow itself also refuses images over twice its Image.MAX_IMAGE_PIXELS.

@@ -36,7 +36,9 @@ from PIL import Image
 from vlmtag.defaults import DEFAULT_MAX_PIXELS
 from vlmtag.images.encoded import EncodedImage
 from vlmtag.images.fetch import FetchLimits, ImageError, read_source
-from vlmtag.images.light import MAX_SOURCE_PIXELS, check_geometry, decode_error, light_mime, open_header, exif_orientation
+from vlmtag.images.light import (
+    MAX_SOURCE_PIXELS, as_is, check_geometry, decode_error, exif_orientation, open_header,
+)
 from vlmtag.images.memory import DecodeBudget, process_budget
 
 __all__ = [
@@ -108,12 +110,12 @@ def prepare_image(
     if not raw:
         raise ImageError("empty file")
     digest = sha256 or hashlib.sha256(raw).hexdigest()
-    im = open_header(raw, max_source_pixels)
+    light = as_is(raw, sha256=digest, max_pixels=max_pixels, max_source_pixels=max_source_pixels,
+                  max_aspect_ratio=max_aspect_ratio, min_side=min_side, pad_to_aspect=pad_to_aspect, reencode=reencode)
+    if light is not None:
+        return light
+    im = open_header(raw, max_source_pixels)  # again: a few microseconds, against milliseconds of decoding
     pad = check_geometry(*im.size, max_aspect_ratio, min_side, pad_to_aspect)
-    if not reencode and not pad:
-        mime = light_mime(raw, im, max_pixels)
-        if mime is not None:
-            return EncodedImage(raw, mime, im.size[0], im.size[1], digest)
     budget = budget or process_budget()
     if im.format in ("JPEG", "MPO") and not pad:
         done = _prepare_jpeg(raw, im, max_pixels, budget)
