@@ -1,21 +1,19 @@
 """OpenAI-compatible chat completions (vllm serve, SGLang, Ollama, DashScope, OpenAI, ...).
 
 One attempt per request: the operator owns the attempt budget and sends the retryable ones again (through
-`run_batch`), so nothing here retries (the transports are built with httpx's default of no retries).
+`run_batch`), so nothing here retries (aiohttp does not retry a request on its own).
 
 Requests run concurrently on one private event loop in a background daemon thread, over
 `settings.concurrency` keep-alive connections; that bounds the requests in flight across all
 `generate` / `run_batch` calls together, whichever threads they come from.
 
-Each connection is its own single-connection `httpx.AsyncHTTPTransport` (all sharing one TLS context).
-One client with a pool of N connections would be simpler, but httpcore scans every connection of
-its pool on each request: at 32 connections that caps one core at ~450 requests/s against a
-zero-latency server, where 32 single-connection clients reach ~1,500. Requests go to the transports
-directly: an API call needs no cookies, auth flow or redirects, and that client layer is about a third
-of httpx's CPU per request.
-
-httpx is imported on the engine's own thread when it starts (`start`, ahead of the first request), not when the
-engine is built: a run's first images are read and prepared meanwhile.
+The client is aiohttp: one `ClientSession` whose connector keeps the connections alive. Its HTTP parser is C
+(llhttp), and at high request rates the client's CPU per request is what limits a tagging run, since it shares
+one interpreter with reading, hashing and keeping the answers: against a zero-latency loopback server a bare
+aiohttp client posts ~10,000 requests/s on this project's 2-core machines where the leanest httpx (one
+single-connection transport per slot) posts ~2,300, and a whole small-image run goes about twice as fast
+(BENCHMARKS.md, P1b). aiohttp is imported on the engine's own thread when it starts (`start`, ahead of the first
+request), not when the engine is built: a run's first images are read and prepared meanwhile.
 
 Where a request is built: `build_body`. Where an answer is read: `extract`. Both are pure.
 """
@@ -33,6 +31,7 @@ import ssl
 import threading
 import time
 import urllib.parse
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from aiolimiter import AsyncLimiter
@@ -45,7 +44,7 @@ from vlmtag.engines.base import (
 from vlmtag.engines.sampling import answer_budget
 
 if TYPE_CHECKING:
-    import httpx
+    import aiohttp
 
 log = logging.getLogger(__name__)
 
@@ -290,6 +289,16 @@ def client_query(params: Mapping[str, Any]) -> dict[str, Any]:
     return dict(query or {})
 
 
+@dataclass(frozen=True)
+class _Reply:
+    """An HTTP answer, read in full."""
+
+    status: int
+    content: bytes
+    headers: Mapping[str, str]  # case-insensitive (aiohttp's)
+    reason: str
+
+
 class ApiEngine(Engine):
     """Chat completions over HTTP, one attempt per request, `settings.concurrency` in flight.
 
@@ -328,8 +337,7 @@ class ApiEngine(Engine):
         self._headers = headers
         self._query = client_query(params)
         self._origin = _origin(self._url)  # host[:port], never credentials
-        self._request_url: httpx.URL | None = None  # made with the connections, on the engine's thread
-        self._timeouts: dict[str, float | None] = {}
+        self._request_url: Any = None  # a yarl URL, made with the session on the engine's thread
         # Checked now so a bad rate fails at build time; the limiters themselves are made on the
         # engine's loop.
         _make_limiter(settings.max_requests_per_minute, "max_requests_per_minute")
@@ -338,8 +346,8 @@ class ApiEngine(Engine):
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._clients: list[httpx.AsyncHTTPTransport] = []
-        self._idle: asyncio.Queue[httpx.AsyncHTTPTransport] | None = None  # one per free connection
+        self._session: aiohttp.ClientSession | None = None
+        self._slots: asyncio.Semaphore | None = None  # `concurrency` requests at a time
         self._rpm: AsyncLimiter | None = None
         self._tpm: AsyncLimiter | None = None
         self._tasks: set[asyncio.Task] = set()  # requests started by `send`
@@ -383,20 +391,21 @@ class ApiEngine(Engine):
             return loop
 
     async def _open(self) -> None:
-        import httpx
+        import aiohttp
+        from yarl import URL
 
-        url = httpx.URL(self._url)
-        self._request_url = url.copy_merge_params(self._query) if self._query else url
-        self._timeouts = httpx.Timeout(self._timeout).as_dict()
+        url = URL(self._url)
+        self._request_url = url.update_query(self._query) if self._query else url
         if url.scheme == "https":
-            tls = httpx.create_ssl_context()  # made once: a context per connection costs ~20 ms each
-        else:  # plain http never shakes hands: spare loading the CA bundle (one that verifies, all the same)
-            tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        one = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-        self._clients = [httpx.AsyncHTTPTransport(verify=tls, limits=one) for _ in range(self._concurrency)]
-        self._idle = asyncio.Queue()
-        for client in self._clients:
-            self._idle.put_nowait(client)
+            import httpx  # its TLS set-up, as before: certifi's CAs, or SSL_CERT_FILE / SSL_CERT_DIR
+
+            tls: ssl.SSLContext | bool = httpx.create_ssl_context()
+        else:  # plain http never shakes hands: spare loading the CA bundle
+            tls = True
+        connector = aiohttp.TCPConnector(limit=self._concurrency, limit_per_host=0, ssl=tls)
+        # No session-wide timeout: each request has its own (`_one`); no proxies from the environment, as before.
+        self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
+        self._slots = asyncio.Semaphore(self._concurrency)
         self._rpm = _make_limiter(self._settings.max_requests_per_minute, "max_requests_per_minute")
         self._tpm = _make_limiter(self._settings.max_tokens_per_minute, "max_tokens_per_minute")
 
@@ -406,12 +415,12 @@ class ApiEngine(Engine):
         Requests still in flight are cancelled: a `generate` waiting on them raises `EngineError`.
         """
         with self._lock:
-            loop, thread, clients = self._loop, self._thread, self._clients
-            self._loop, self._thread, self._clients = None, None, []
+            loop, thread, session = self._loop, self._thread, self._session
+            self._loop, self._thread, self._session = None, None, None
             if loop is None:
                 return
             try:
-                asyncio.run_coroutine_threadsafe(_shutdown(clients), loop).result(timeout=10)
+                asyncio.run_coroutine_threadsafe(_shutdown(session), loop).result(timeout=10)
             except Exception as e:  # closing must not raise over a failed run
                 log.debug("closing the API client failed: %s", self._redact(repr(e)))
             finally:
@@ -498,59 +507,45 @@ class ApiEngine(Engine):
         return list(await asyncio.gather(*(one(i, job) for i, job in enumerate(jobs))))
 
     async def _one(self, payload: bytes, tokens: int) -> Response:
-        import httpx
+        import aiohttp
 
-        assert self._idle is not None
-        client = await self._idle.get()
-        try:
+        assert self._slots is not None
+        async with self._slots:
             if self._rpm is not None:
                 await self._rpm.acquire()
             if self._tpm is not None:
                 await self._tpm.acquire(min(tokens, self._tpm.max_rate))
             try:
-                reply = await asyncio.wait_for(self._post(client, payload), timeout=self._timeout)
-            except (asyncio.TimeoutError, httpx.TimeoutException):
+                reply = await asyncio.wait_for(self._post(payload), timeout=self._timeout)
+            except asyncio.TimeoutError:
                 return Response(error=f"timeout after {self._timeout:g}s", retryable=True)
-            except httpx.RemoteProtocolError as e:
-                return Response(error=f"connection error: {self._describe(e)}", retryable=True)
-            except httpx.ConnectError as e:  # refused, or the name does not resolve: nobody answered at all
+            except aiohttp.ServerDisconnectedError:  # the connection closed before an answer (or mid-answer)
+                return Response(error="connection error: server closed the connection without a response",
+                                retryable=True)
+            except aiohttp.ClientConnectorError as e:  # refused, or the name does not resolve: nobody answered
                 return Response(error=f"connection error: cannot connect to {self._origin}: {self._describe(e)}",
                                 retryable=True, unreachable=True)
-            except (httpx.NetworkError, httpx.ProxyError) as e:
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:  # reset, cut short
                 return Response(error=f"connection error: {self._describe(e)}", retryable=True)
-            except httpx.HTTPError as e:  # bad URL, unsupported protocol, too many redirects...
+            except aiohttp.ClientError as e:  # bad URL, a response that is not HTTP...
                 return Response(error=f"request error: {self._describe(e)}")
             except Exception as e:  # a failure of one request must not fail the batch
                 return Response(error=f"unexpected error: {self._describe(e)}")
-        finally:
-            self._idle.put_nowait(client)
         return self._classify(reply)
 
-    async def _post(self, transport: httpx.AsyncHTTPTransport, payload: bytes) -> httpx.Response:
-        import httpx
-
-        request = httpx.Request("POST", self._request_url, headers=self._headers, content=payload,
-                                extensions={"timeout": self._timeouts})
-        response = await transport.handle_async_request(request)
-        try:
-            await response.aread()
-        finally:
-            await response.aclose()
-        return response
+    async def _post(self, payload: bytes) -> _Reply:
+        assert self._session is not None
+        async with self._session.post(self._request_url, data=payload, headers=self._headers) as reply:
+            return _Reply(reply.status, await reply.read(), reply.headers, reply.reason or "")
 
     def _describe(self, e: BaseException) -> str:
-        import httpx
+        return self._redact(_shorten(str(e) or type(e).__name__))
 
-        text = str(e) or type(e).__name__
-        if isinstance(e, httpx.RemoteProtocolError) and "without sending" in text:
-            text = "server closed the connection without a response"
-        return self._redact(_shorten(text))
-
-    def _classify(self, reply: httpx.Response) -> Response:
-        status = reply.status_code
+    def _classify(self, reply: _Reply) -> Response:
+        status = reply.status
         if not 200 <= status < 300:
             retryable = status in RETRYABLE_STATUSES or status >= 500
-            message = self._redact(server_message(reply.content)) or reply.reason_phrase
+            message = self._redact(server_message(reply.content)) or reply.reason
             return Response(
                 error=f"HTTP {status}: {message}" if message else f"HTTP {status}",
                 retryable=retryable,
@@ -598,13 +593,14 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-async def _shutdown(clients: list[httpx.AsyncHTTPTransport]) -> None:
+async def _shutdown(session: aiohttp.ClientSession | None) -> None:
     """Cancel whatever is still running on the engine's loop, then close every connection."""
     others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
     for task in others:
         task.cancel()
     await asyncio.gather(*others, return_exceptions=True)
-    await asyncio.gather(*(client.aclose() for client in clients), return_exceptions=True)
+    if session is not None:
+        await session.close()
 
 
 def _usage_of(data: Any) -> Usage:
