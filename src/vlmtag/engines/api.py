@@ -58,6 +58,8 @@ _warned_params: set[str] = set()
 _warned_lock = threading.Lock()
 
 _ERROR_TEXT_LIMIT = 200
+# Python 3.11+: a deadline on the running task; `wait_for` (3.10) wraps each request in a task of its own.
+_timeout = getattr(asyncio, "timeout", None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -516,7 +518,11 @@ class ApiEngine(Engine):
             if self._tpm is not None:
                 await self._tpm.acquire(min(tokens, self._tpm.max_rate))
             try:
-                reply = await asyncio.wait_for(self._post(payload), timeout=self._timeout)
+                if _timeout is not None:
+                    async with _timeout(self._timeout):
+                        reply = await self._post(payload)
+                else:
+                    reply = await asyncio.wait_for(self._post(payload), timeout=self._timeout)
             except asyncio.TimeoutError:
                 return Response(error=f"timeout after {self._timeout:g}s", retryable=True)
             except aiohttp.ServerDisconnectedError:  # the connection closed before an answer (or mid-answer)

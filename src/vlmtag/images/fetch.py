@@ -176,7 +176,11 @@ def _read_bounded(open_file: Callable[[], IO[bytes]], source: str, named: str, l
             size = _declared_size(f)
             if size is not None and size > limits.max_bytes:
                 raise ImageError(_too_large(size, limits, f"file {source}"))
-            data = f.read(limits.max_bytes + 1)  # bounded even for files whose size does not tell
+            # bounded even for files whose size does not tell; sized when it does (a read of max_bytes would map and
+            # unmap that much memory for every small file), and on to the bound should the file have grown
+            data = f.read((size if size is not None else limits.max_bytes) + 1)
+            if size is not None and len(data) > size:
+                data += f.read(limits.max_bytes + 1 - len(data))
     except FileNotFoundError:
         raise ImageError(f"file not found: {named}") from None
     except IsADirectoryError:

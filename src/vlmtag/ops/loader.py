@@ -93,8 +93,7 @@ class ImageLoader:
 
     def parallelism(self, sources: Sequence[Source], base_dir: str | None) -> int:
         """Images of these sources worth loading at once: all `workers` when reads wait on the network."""
-        remote = is_remote(base_dir or "") or any(isinstance(x, str) and is_remote(x) for x in sources)
-        return self.workers if remote else self.cpu_workers
+        return self.workers if any(_remote(x, base_dir) for x in sources) else self.cpu_workers
 
     def prepare_one(self, image: ImageBytes, max_pixels: int) -> EncodedImage | str:
         """One image ready for the model (its original bytes when they need no work), or why it cannot be."""
@@ -122,7 +121,10 @@ class ImageLoader:
             return source.error
         if isinstance(source, bytes):
             return ImageBytes.of(source)
-        try:  # a URL that timed out or answered 429/5xx gets the same attempt budget as a request
+        try:
+            if not _remote(source, base_dir):  # a local file or a data: URI: another attempt would change nothing
+                return ImageBytes.of(read_source(source, base_dir=base_dir, limits=self.limits))
+            # a URL that timed out or answered 429/5xx gets the same attempt budget as a request
             for attempt in Retrying(stop=stop_after_attempt(self.try_num), reraise=True,
                                     wait=lambda state: self._wait(state.attempt_number),
                                     retry=retry_if_exception(lambda e: getattr(e, "retryable", False))):
@@ -143,6 +145,11 @@ class ImageLoader:
         size = -(-len(items) // workers)
         chunks = [items[i : i + size] for i in range(0, len(items), size)]
         return [y for done in pool.map(lambda chunk: [fn(x) for x in chunk], chunks) for y in done]
+
+
+def _remote(source: Source, base_dir: str | None) -> bool:
+    """Whether reading `source` waits on the network (a URL, or a relative path under a remote dataset)."""
+    return isinstance(source, str) and (is_remote(source) or is_remote(base_dir or ""))
 
 
 def _prepare(image: ImageBytes, max_pixels: int, geometry: dict[str, Any]) -> EncodedImage | str:
