@@ -59,7 +59,7 @@ _warned_lock = threading.Lock()
 
 _ERROR_TEXT_LIMIT = 200
 # Python 3.11+: a deadline on the running task; `wait_for` (3.10) wraps each request in a task of its own.
-_timeout = getattr(asyncio, "timeout", None)
+_deadline = getattr(asyncio, "timeout", None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -518,8 +518,8 @@ class ApiEngine(Engine):
             if self._tpm is not None:
                 await self._tpm.acquire(min(tokens, self._tpm.max_rate))
             try:
-                if _timeout is not None:
-                    async with _timeout(self._timeout):
+                if _deadline is not None:
+                    async with _deadline(self._timeout):
                         reply = await self._post(payload)
                 else:
                     reply = await asyncio.wait_for(self._post(payload), timeout=self._timeout)
