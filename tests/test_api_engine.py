@@ -188,9 +188,15 @@ def test_a_malformed_base_url_fails_when_built_without_showing_its_credentials(u
 
 
 def test_start_gets_the_engine_ready_ahead_of_its_first_request(server, make_engine):
+    def loop_threads() -> int:
+        return sum(t.name == "vlmtag-api-engine" for t in threading.enumerate())
+
     engine = make_engine()
+    before = loop_threads()
     engine.start()
+    assert loop_threads() == before + 1  # its loop runs before any request
     engine.start()  # again: nothing more
+    assert loop_threads() == before + 1
     assert server.count == 0  # connections are made ready, not opened
     [response] = engine.generate([request()])
     assert response.ok and server.count == 1

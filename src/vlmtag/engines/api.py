@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import re
-import ssl
 import threading
 import time
 import urllib.parse
@@ -398,12 +397,11 @@ class ApiEngine(Engine):
 
         url = URL(self._url)
         self._request_url = url.update_query(self._query) if self._query else url
+        tls: Any = True  # plain http never shakes hands: no CA bundle to load
         if url.scheme == "https":
             import httpx  # its TLS set-up, as before: certifi's CAs, or SSL_CERT_FILE / SSL_CERT_DIR
 
-            tls: ssl.SSLContext | bool = httpx.create_ssl_context()
-        else:  # plain http never shakes hands: spare loading the CA bundle
-            tls = True
+            tls = httpx.create_ssl_context()
         connector = aiohttp.TCPConnector(limit=self._concurrency, limit_per_host=0, ssl=tls)
         # No session-wide timeout: each request has its own (`_one`); no proxies from the environment, as before.
         self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))

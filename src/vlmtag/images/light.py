@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import io
 import re
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -43,7 +44,7 @@ from vlmtag.images.encoded import EncodedImage
 from vlmtag.images.fetch import ImageError
 
 __all__ = ["ALLOWED_FORMATS", "MAX_SOURCE_PIXELS", "as_is", "check_geometry", "decode_error", "exif_orientation",
-           "light_mime", "open_header"]
+           "light_mime", "open_header", "read_header"]
 
 # Largest decoded image accepted (width * height), checked from the header before any pixel is decoded.
 # Pillow's own default; Pillow itself also refuses images over twice its Image.MAX_IMAGE_PIXELS.
@@ -67,28 +68,33 @@ _PNG_METADATA_KEYWORDS = (b"XML:com.adobe.xmp", b"Raw profile type")
 _ORIENTATION_TAG = 0x0112
 
 
-def as_is(
+def read_header(
     raw: bytes,
     *,
-    sha256: str,
     max_pixels: int,
     max_source_pixels: int = MAX_SOURCE_PIXELS,
     max_aspect_ratio: float | None = None,
     min_side: int = 1,
     pad_to_aspect: bool = False,
     reencode: bool = False,
-) -> EncodedImage | None:
-    """``raw`` as it would be sent on the light path, or None when it needs ``prepare_image``; an ImageError when
-    its header says it cannot be sent at all. Same arguments as ``prepare_image``, which gives the same answer."""
+) -> tuple[Image.Image, bool, str | None]:
+    """``raw``'s header (Pillow's lazy open), whether the image must be padded to the model's aspect ratio, and the
+    MIME type it can be sent under as it is (None: it needs decoding); an ImageError when its header says it cannot
+    be sent at all. The arguments are ``prepare_image``'s."""
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be at least 1, got {max_pixels}")
-    raw = bytes(raw)
     if not raw:
         raise ImageError("empty file")
     im = open_header(raw, max_source_pixels)
-    if reencode or check_geometry(*im.size, max_aspect_ratio, min_side, pad_to_aspect):
-        return None
-    mime = light_mime(raw, im, max_pixels)
+    pad = check_geometry(*im.size, max_aspect_ratio, min_side, pad_to_aspect)
+    return im, pad, None if reencode or pad else light_mime(raw, im, max_pixels)
+
+
+def as_is(raw: bytes, *, sha256: str, **options: Any) -> EncodedImage | None:
+    """``raw`` as it would be sent on the light path, or None when it needs ``prepare_image`` (same ``options``,
+    see ``read_header``); an ImageError when it cannot be sent at all."""
+    raw = bytes(raw)
+    im, _, mime = read_header(raw, **options)
     return EncodedImage(raw, mime, im.size[0], im.size[1], sha256) if mime is not None else None
 
 

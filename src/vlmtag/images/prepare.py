@@ -36,9 +36,7 @@ from PIL import Image
 from vlmtag.defaults import DEFAULT_MAX_PIXELS
 from vlmtag.images.encoded import EncodedImage
 from vlmtag.images.fetch import FetchLimits, ImageError, read_source
-from vlmtag.images.light import (
-    MAX_SOURCE_PIXELS, as_is, check_geometry, decode_error, exif_orientation, open_header,
-)
+from vlmtag.images.light import MAX_SOURCE_PIXELS, decode_error, exif_orientation, read_header
 from vlmtag.images.memory import DecodeBudget, process_budget
 
 __all__ = [
@@ -104,18 +102,13 @@ def prepare_image(
     padded with white to that ratio instead. Decodes hold their estimated memory from ``budget`` (by default the
     process's, see ``memory.py``).
     """
-    if max_pixels < 1:
-        raise ValueError(f"max_pixels must be at least 1, got {max_pixels}")
     raw = bytes(raw)
-    if not raw:
-        raise ImageError("empty file")
+    im, pad, mime = read_header(raw, max_pixels=max_pixels, max_source_pixels=max_source_pixels,
+                                max_aspect_ratio=max_aspect_ratio, min_side=min_side, pad_to_aspect=pad_to_aspect,
+                                reencode=reencode)
     digest = sha256 or hashlib.sha256(raw).hexdigest()
-    light = as_is(raw, sha256=digest, max_pixels=max_pixels, max_source_pixels=max_source_pixels,
-                  max_aspect_ratio=max_aspect_ratio, min_side=min_side, pad_to_aspect=pad_to_aspect, reencode=reencode)
-    if light is not None:
-        return light
-    im = open_header(raw, max_source_pixels)  # again: a few microseconds, against milliseconds of decoding
-    pad = check_geometry(*im.size, max_aspect_ratio, min_side, pad_to_aspect)
+    if mime is not None:
+        return EncodedImage(raw, mime, im.size[0], im.size[1], digest)
     budget = budget or process_budget()
     if im.format in ("JPEG", "MPO") and not pad:
         done = _prepare_jpeg(raw, im, max_pixels, budget)

@@ -81,8 +81,7 @@ class RequestRunner:
                     self.unreachable(responses[0])
                 else:
                     self._reached = True
-            if self.fail_fast:
-                self._breaker.check()
+            self.check()
             pending = still
             if pending:
                 time.sleep(wait)
