@@ -5,7 +5,8 @@ OpenAI-compatible server (tests/openai_server.py, its own process, answering fro
 requests in flight, each as a whole process (start-up included):
 
 - vlmtag: `.venv/bin/vlmtag run --config recipe.yaml`, a recipe with default settings (concurrency 32), each
-  round in a fresh folder so its answer cache starts empty.
+  round in a fresh folder so its answer cache starts empty; its sources compiled to bytecode first, as an
+  installed package's are (`compile_sources`).
 - DataTrove 0.10.1 in its own venv (`.venv-peer-datatrove`, built on first use: datatrove, plus httpx, orjson
   and aiofiles for its endpoint mode, and Pillow), running a user script written as a competent user would
   (it is written into the work folder as `datatrove_tagging.py`; read it there): `JsonlReader` ->
@@ -327,6 +328,13 @@ def run_datatrove(python: Path, script: Path, dataset: Path, folder: Path, base_
     return result, problems + count_problem(rows, dataset), answers
 
 
+def compile_sources() -> None:
+    """vlmtag's sources to bytecode, as DataTrove's were when pip installed it. An editable install is compiled by
+    Python on its first run, unless PYTHONDONTWRITEBYTECODE is set (it is on these machines): then every run
+    would compile all of vlmtag again (~50 ms before the first request)."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "src" / "vlmtag")], check=True)
+
+
 def count_problem(rows: list, dataset: Path) -> list[str]:
     expected = sum(1 for _ in dataset.open())
     return [] if len(rows) == expected else [f"{expected} rows in, {len(rows)} rows out"]
@@ -361,6 +369,8 @@ def main() -> int:
         .replace("@SPECIAL_TOKENS@", repr((DEFAULT_IMAGE_TOKEN, DEFAULT_EOC_TOKEN)))
         .replace("@MAX_PIXELS@", f"{DEFAULT_MAX_PIXELS:_}").replace("@MAX_TOKENS@", str(DEFAULT_MAX_TOKENS)))
 
+    if "vlmtag" in clients:
+        compile_sources()
     failures, table = [], []
     load_before = os.getloadavg()
     for name in names:

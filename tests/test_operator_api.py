@@ -261,6 +261,28 @@ def test_cli_run_aborts_with_exit_1_keeps_finished_batches_and_hides_the_key(ser
         assert SECRET.encode() not in p.read_bytes(), p
 
 
+@pytest.mark.timeout(60, method="thread")  # a hang ends the session (batch threads would block its exit)
+def test_an_engine_that_cannot_start_stops_the_run_and_says_why(photo_dir, tmp_path, monkeypatch, capsys):
+    # An https endpoint with a CA bundle that is not there: the client cannot be built. The run must say so and
+    # end, not wait for answers that can never come.
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "missing-ca.pem"))
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"images": [str(photo_dir / "coffee.jpg")], "text": f"say: t{i}"}) + "\n"
+                            for i in range(8)))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({
+        "dataset_path": str(data), "export_path": str(tmp_path / "out.jsonl"),
+        "process": [{"image_tagging_vlm_mapper": {
+            "api_or_hf_model": "test-model", "is_api_model": True, "batch_size": 2,
+            "model_params": {"base_url": "https://127.0.0.1:9/v1", "api_key": SECRET}}}]}))
+    code = main(["run", "--config", str(recipe)])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "cannot start the API client" in captured.err and "missing-ca.pem" not in captured.out
+    assert not (tmp_path / "out.jsonl").exists()
+    assert SECRET not in captured.out + captured.err
+
+
 def test_api_key_from_environment(server, photo_dir, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "env-key")
     monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)

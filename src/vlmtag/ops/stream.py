@@ -40,6 +40,7 @@ _Wave = list  # of (wire form, on_response): what one `Engine.send` starts
 _CHUNK_SECONDS = 0.002  # a loader takes as many images at once as it loads in this time
 _CHEAP_SECONDS = 0.001  # images that load faster than this are cheap (see Dispatcher._cheap)
 _CHEAP_LOOKAHEAD = 256
+_NOT_STARTED, _STARTING, _STARTED = range(3)  # the engine's start (`Dispatcher._start_engine`)
 
 
 @dataclass(eq=False)
@@ -76,7 +77,8 @@ class Dispatcher:
         self._ready: collections.deque[tuple[_Batch, int]] = collections.deque()  # prepared, not sent
         self._retries: list[tuple[float, int, _Batch, int]] = []  # heap of (when, tie-break, batch, key)
         self._tie = itertools.count()
-        self._started = False  # the engine's start was asked for
+        self._engine_state = _NOT_STARTED
+        self._engine_error: Exception | None = None  # why it could not start
         self._loaders = 0  # loader loops running
         self._loading = 0  # images being loaded
         self._out = 0  # requests sent whose answer has not been kept yet
@@ -93,12 +95,9 @@ class Dispatcher:
             return {}
         batch = _Batch(load=load, take=take, parallel=parallel, images_left=len(images))
         with self._cond:
-            start, self._started = not self._started, True
             self._active.append(batch)
             self._images.extend((batch, image) for image in images)
             go = self._step()
-        if start:  # the engine gets ready while the first images load
-            self._spawn(self._engine.start)
         self._go(*go)
         try:
             while True:
@@ -178,12 +177,28 @@ class Dispatcher:
             go = self._step()
         self._go(*go)
 
+    def _start_engine(self) -> None:
+        """Start the engine (its client, thread and connections) on the loader pool, asked for with the first
+        batch, so that it gets ready while the first images load. Until it is, prepared requests wait in line
+        and the loaders go on; none of them blocks in `send`. An engine that cannot start (e.g. a CA bundle that
+        is not there) stops this run and any later batch with why."""
+        try:
+            self._engine.start()
+        except Exception as e:
+            error: Exception | None = e
+        else:
+            error = None
+        with self._cond:
+            self._engine_state, self._engine_error = _STARTED, error
+            go = self._step()
+        self._go(*go)
+
     # -- under the lock ------------------------------------------------------------------------------------------
 
-    def _step(self) -> tuple[bool, _Wave, int]:
+    def _step(self) -> tuple[bool, _Wave, int, bool]:
         """Everything that follows from the news: retries that are due, the fail-fast verdict, batches that are
         done; and, to be done outside the lock (`_go`), whether to commit the answers kept so far, the requests
-        to send, and how many loader threads to start."""
+        to send, how many loader threads to start and whether to start the engine."""
         now = time.monotonic()
         while self._retries and self._retries[0][0] <= now:  # retries that are due go first in line
             _, _, batch, key = heapq.heappop(self._retries)
@@ -193,11 +208,16 @@ class Dispatcher:
                 self._runner.check()
             except RunAborted as e:
                 self._abort = e
+        if self._engine_error is not None:
+            self._abort = self._abort or self._engine_error
         wave: _Wave = []
         loaders = 0
-        commit = False
+        commit = start = False
         if self._abort is None:
-            wave = self._wave()
+            if self._engine_state == _NOT_STARTED:
+                self._engine_state, start = _STARTING, True
+            if self._engine_state == _STARTED:
+                wave = self._wave()
             if wave and self._uncommitted:  # answers are in the cache before any more requests leave
                 commit, self._uncommitted = True, False
             parallel = max((b.parallel for b in self._active), default=1) if not self._cheap else 1
@@ -207,7 +227,7 @@ class Dispatcher:
             loaders = max(0, min(parallel, len(self._images), room) - self._loaders)
             self._loaders += loaders
         self._settle()
-        return commit, wave, loaders
+        return commit, wave, loaders, start
 
     def _wave(self) -> _Wave:
         wave: _Wave = []
@@ -242,7 +262,7 @@ class Dispatcher:
         that loading them happens in bursts rather than a trickle of hand-offs between threads."""
         return self._concurrency if not self._cheap else max(self._concurrency, _CHEAP_LOOKAHEAD)
 
-    def _go(self, commit: bool, wave: _Wave, loaders: int) -> None:
+    def _go(self, commit: bool, wave: _Wave, loaders: int, start: bool) -> None:
         if commit:
             try:
                 self._commit()
@@ -251,6 +271,8 @@ class Dispatcher:
                     self._abort = self._abort or e
         if wave:
             self._engine.send(wave)
+        if start:
+            self._spawn(self._start_engine)
         for _ in range(loaders):
             self._spawn(self._loader)
 
