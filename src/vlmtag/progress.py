@@ -9,7 +9,6 @@ import time
 from typing import Callable, Iterator, Sequence
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from vlmtag.urls import is_remote
 from vlmtag.stats import RunStats
@@ -68,6 +67,9 @@ def progress_reporter(console: Console, total_rows: int | None = None) -> Iterat
 
         yield log
         return
+    # imported here: a run writing to a log, not a terminal, never draws a bar (~10 ms of start-up)
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
     with Progress(SpinnerColumn(), TextColumn("rows {task.completed:,.0f}" + (f"/{total_rows:,}" if total_rows else "")),
                   BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), TextColumn("ETA"),
                   TimeRemainingColumn(), console=console, transient=True) as bar:

@@ -10,8 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, TypeVar, Union
 
-from tenacity import Retrying, retry_if_exception, stop_after_attempt
-
 from vlmtag.images import EncodedImage, FetchLimits, ImageError, read_source
 from vlmtag.images.light import as_is
 from vlmtag.urls import is_remote, scheme_of
@@ -126,6 +124,8 @@ class ImageLoader:
             if not _remote(source, base_dir):  # a local file or a data: URI: another attempt would change nothing
                 return ImageBytes.of(read_source(source, base_dir=base_dir, limits=self.limits))
             # a URL that timed out or answered 429/5xx gets the same attempt budget as a request
+            from tenacity import Retrying, retry_if_exception, stop_after_attempt  # only datasets that fetch load it
+
             for attempt in Retrying(stop=stop_after_attempt(self.try_num), reraise=True,
                                     wait=lambda state: self._wait(state.attempt_number),
                                     retry=retry_if_exception(lambda e: getattr(e, "retryable", False))):
