@@ -57,7 +57,7 @@ class TaggerOptions(BaseModel):
     price_per_million_output_tokens: float = Field(0.0, ge=0)
     max_cost: Optional[float] = Field(None, gt=0, description="stop the run before it spends more than this")
     image_workers: int = Field(16, ge=1, description="threads fetching image URLs; local reads and resizing use "
-                                                     "at most 2 per core")
+                                                     "one per core")
     fetch_timeout: float = Field(30.0, gt=0, description="seconds to read an image URL")
     max_image_bytes: int = Field(50 * 1024 * 1024, ge=1)
     # The model's geometry and prompt limits, checked before a request is paid for.
