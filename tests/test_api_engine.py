@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import email.utils
 import io
+import json
 import logging
 import threading
 import time
@@ -112,6 +113,22 @@ def test_response_format_is_sent_only_when_a_json_schema_is_set(server, make_eng
     assert with_schema["response_format"] == {
         "type": "json_schema", "json_schema": {"name": "image_tags", "schema": schema}}
     assert set(with_schema) == {"model", "messages", "max_tokens", "response_format"}
+
+
+@pytest.mark.parametrize("system,user", [
+    (SYSTEM, USER),
+    ("", "naïve café, 日本語, \"quotes\" and \\ backslashes\n"),
+    (SYSTEM, "vlmtag:image-data-url"),  # the prompt is the body builder's own placeholder, word for word
+])
+def test_the_wire_body_is_the_json_of_the_body_byte_for_byte(make_engine, system, user):
+    schema = {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string"}}}}
+    for engine in (make_engine(), make_engine(json_schema=schema, sampling_params={"temperature": 0.2})):
+        for image in (png((1, 2, 3)), EncodedImage(b"\xff\xd8 not really a jpeg", "image/jpeg", 8, 8)):
+            req = Request(image, system, user)
+            payload, _ = engine.encode(req)
+            expected = json.dumps(build_body(req, engine._settings), ensure_ascii=False, separators=(",", ":"))
+            assert payload == expected.encode("utf-8")
+            assert json.loads(payload)["messages"][-1]["content"][1]["image_url"]["url"] == image.data_url()
 
 
 def test_an_empty_system_prompt_sends_only_the_user_message():

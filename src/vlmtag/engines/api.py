@@ -21,6 +21,7 @@ Where a request is built: `build_body`. Where an answer is read: `extract`. Both
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import email.utils
 import json
@@ -65,16 +66,16 @@ _deadline = getattr(asyncio, "timeout", None)
 # Pure functions: the request body, the answer, the error text.
 
 
-def build_body(request: Request, settings: EngineSettings) -> dict[str, Any]:
+def build_body(request: Request, settings: EngineSettings, image_url: str | None = None) -> dict[str, Any]:
     """The JSON body of one chat completion for one image.
 
     `{"model", "messages": [system, user], **sampling_params}`, with `max_tokens` = `DEFAULT_MAX_TOKENS` (the
     answer budget) when the sampling params cap neither `max_tokens` nor `max_completion_tokens`, and a standard
     `response_format` json_schema when `settings.json_schema` is a dict (unless the sampling params
     already carry a `response_format`, which wins). The system message is left out when the system
-    prompt is empty.
+    prompt is empty. `image_url` stands in for the image's data URL when given.
     """
-    messages = chat_messages(request)
+    messages = chat_messages(request, image_url)
     body: dict[str, Any] = {"model": settings.model, "messages": messages, **settings.sampling_params}
     if "max_tokens" not in body and "max_completion_tokens" not in body:
         body["max_tokens"] = DEFAULT_MAX_TOKENS
@@ -266,6 +267,9 @@ def estimate_tokens(request: Request, sampling_params: Mapping[str, Any]) -> int
 # --------------------------------------------------------------------------------------------------
 # The engine.
 
+_IMAGE_SLOT = "vlmtag:image-data-url"  # a placeholder for the data URL while a body is serialised (`encode`)
+_IMAGE_SLOT_BYTES = f'"{_IMAGE_SLOT}"'.encode("ascii")
+
 
 def client_headers(params: Mapping[str, Any], api_key: str | None) -> dict[str, str]:
     """The HTTP headers `model_params` ask for (`headers`, `default_headers`, `organization`, `project`) and the
@@ -433,12 +437,24 @@ class ApiEngine(Engine):
     # -- requests --------------------------------------------------------------------------------
 
     def encode(self, request: Request) -> tuple[bytes, int]:
-        """The request's JSON body, and its token estimate when a tokens-per-minute limit needs one."""
+        """The request's JSON body, and its token estimate when a tokens-per-minute limit needs one.
+
+        The body is serialised with a stand-in for the image's data URL, and the base64 bytes go in its place:
+        base64 needs no JSON escaping, and a photo's 150 KB are then copied once instead of four times (to a
+        str, into the URL, through the JSON encoder, back to UTF-8), ~0.6 ms of a loader thread's GIL time."""
         try:
-            body = build_body(request, self._settings)
-            payload = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+            body = build_body(request, self._settings, image_url=_IMAGE_SLOT)
+            text = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         except (TypeError, ValueError) as e:
             raise ValueError(f"cannot build the request body: {self._redact(str(e))}") from None
+        parts = text.split(_IMAGE_SLOT_BYTES)
+        if len(parts) == 2:
+            image = request.image
+            payload = b"".join((parts[0], b'"data:', image.mime.encode("ascii"), b";base64,",
+                                base64.b64encode(image.data), b'"', parts[1]))
+        else:  # the prompt itself holds the stand-in: serialise the whole body
+            payload = json.dumps(build_body(request, self._settings), ensure_ascii=False,
+                                 separators=(",", ":")).encode("utf-8")
         return payload, estimate_tokens(request, body) if self._settings.max_tokens_per_minute else 0
 
     def send(self, items: Sequence[tuple[tuple[bytes, int], OnResponse]]) -> None:

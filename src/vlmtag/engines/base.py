@@ -23,9 +23,10 @@ class Request:
     user_text: str
 
 
-def chat_messages(request: Request) -> list[dict[str, Any]]:
+def chat_messages(request: Request, image_url: str | None = None) -> list[dict[str, Any]]:
     """One image's chat in the OpenAI message format (what API servers and vLLM's `LLM.chat` read):
-    the system prompt (left out when empty), then the user's text part and image part."""
+    the system prompt (left out when empty), then the user's text part and image part (the image's data URL,
+    or `image_url` in its place)."""
     messages: list[dict[str, Any]] = []
     if request.system_prompt:
         messages.append({"role": "system", "content": request.system_prompt})
@@ -34,7 +35,7 @@ def chat_messages(request: Request) -> list[dict[str, Any]]:
             "role": "user",
             "content": [
                 {"type": "text", "text": request.user_text},
-                {"type": "image_url", "image_url": {"url": request.image.data_url()}},
+                {"type": "image_url", "image_url": {"url": image_url or request.image.data_url()}},
             ],
         }
     )
