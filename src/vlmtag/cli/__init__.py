@@ -13,7 +13,6 @@ import sys
 from rich.console import Console
 
 from vlmtag import __version__
-from vlmtag.allocator import keep_freed_memory
 from vlmtag.engines import EngineError
 from vlmtag.errors import EXIT_CONFIG, EXIT_INTERRUPTED, ConfigError
 COMMANDS = ("run", "tag", "report", "eval", "batch")  # modules vlmtag.cli.<name>
@@ -57,9 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> None:
     """The console script: `main`, then a fast exit. By then every output is written and closed; what is left
     is the interpreter tearing down NumPy, OpenCV, pydantic and the rest, ~0.2 s of every run (mypy skips it the
-    same way). Not when Ray was started: its own exit hook stops the workers. Before `main`, the allocator is
-    told to keep freed memory for the next image (see `vlmtag.allocator`)."""
-    keep_freed_memory()
+    same way). Not when Ray was started: its own exit hook stops the workers."""
     code = main()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):

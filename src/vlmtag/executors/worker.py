@@ -14,7 +14,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from vlmtag.allocator import keep_freed_memory
 from vlmtag.ops.base import OpSpec, Pipeline
 
 log = logging.getLogger(__name__)
@@ -47,8 +46,6 @@ class OpWorker:
     def __init__(self, specs: Sequence[OpSpec], cache_path: str | None) -> None:
         from vlmtag.cache import SqliteAnswerCache
         from vlmtag.ops import get_operator
-
-        keep_freed_memory()  # a worker process is vlmtag's own, like its command's
 
         self.pipeline = Pipeline([get_operator(name)(**kwargs) for name, kwargs in specs])
         self.cache = None
