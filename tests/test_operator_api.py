@@ -31,6 +31,20 @@ def row(*images, text="say: cat sofa", **extra) -> dict:
     return {"images": list(images), "text": text, **extra}
 
 
+def write_recipe(tmp_path, photo_dir, model_params: dict, **options) -> str:
+    """A recipe for 8 rows of coffee.jpg ("say: t0" ... "say: t7"), in batches of 2, exported to out.jsonl."""
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"images": [str(photo_dir / "coffee.jpg")], "text": f"say: t{i}"}) + "\n"
+                            for i in range(8)))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({
+        "dataset_path": str(data), "export_path": str(tmp_path / "out.jsonl"),
+        "process": [{"image_tagging_vlm_mapper": {
+            "api_or_hf_model": "test-model", "is_api_model": True, "batch_size": 2, **options,
+            "model_params": model_params}}]}))
+    return str(recipe)
+
+
 def run_rows(op, rows, base_dir):
     try:
         return op.process_rows(rows, base_dir=str(base_dir))
@@ -224,15 +238,8 @@ def test_json_schema_is_sent_with_finishable_bounds(server, photo_dir):
 
 def test_cli_run_aborts_with_exit_1_keeps_finished_batches_and_hides_the_key(server, photo_dir, tmp_path, capsys, caplog):
     caplog.set_level(logging.DEBUG)
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"images": [str(photo_dir / "coffee.jpg")], "text": f"say: t{i}"}) + "\n"
-                            for i in range(8)))
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(json.dumps({
-        "dataset_path": str(data), "export_path": str(tmp_path / "out.jsonl"),
-        "process": [{"image_tagging_vlm_mapper": {
-            "api_or_hf_model": "test-model", "is_api_model": True, "batch_size": 2, "retry_backoff": 0.01,
-            "model_params": {"base_url": server.base_url, "api_key": "${VLMTAG_TEST_KEY}"}}}]}))
+    recipe = write_recipe(tmp_path, photo_dir, {"base_url": server.base_url, "api_key": "${VLMTAG_TEST_KEY}"},
+                          retry_backoff=0.01)
     calls = {"n": 0}
 
     def first_ok_then_401(body, attempt):
@@ -244,7 +251,7 @@ def test_cli_run_aborts_with_exit_1_keeps_finished_batches_and_hides_the_key(ser
 
     os.environ["VLMTAG_TEST_KEY"] = SECRET
     try:
-        code = main(["run", "--config", str(recipe)])
+        code = main(["run", "--config", recipe])
     finally:
         del os.environ["VLMTAG_TEST_KEY"]
     captured = capsys.readouterr()
@@ -266,16 +273,8 @@ def test_an_engine_that_cannot_start_stops_the_run_and_says_why(photo_dir, tmp_p
     # An https endpoint with a CA bundle that is not there: the client cannot be built. The run must say so and
     # end, not wait for answers that can never come.
     monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "missing-ca.pem"))
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"images": [str(photo_dir / "coffee.jpg")], "text": f"say: t{i}"}) + "\n"
-                            for i in range(8)))
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(json.dumps({
-        "dataset_path": str(data), "export_path": str(tmp_path / "out.jsonl"),
-        "process": [{"image_tagging_vlm_mapper": {
-            "api_or_hf_model": "test-model", "is_api_model": True, "batch_size": 2,
-            "model_params": {"base_url": "https://127.0.0.1:9/v1", "api_key": SECRET}}}]}))
-    code = main(["run", "--config", str(recipe)])
+    recipe = write_recipe(tmp_path, photo_dir, {"base_url": "https://127.0.0.1:9/v1", "api_key": SECRET})
+    code = main(["run", "--config", recipe])
     captured = capsys.readouterr()
     assert code == 2
     assert "cannot start the API client" in captured.err and "missing-ca.pem" not in captured.out

@@ -13,7 +13,7 @@ The allocator is part of it (glibc only, `tune_allocator`, once per process, at 
   buffer freed at the top of a heap (a photo's file, decoded and resized pixels, request body: a few MiB) went
   back to the system, and the next image faulted it in again, page by page (measured: 560,000 page faults and
   2 s of kernel time on 512 photos). Up to 32 MiB free at the top of a heap is kept for the next image instead
-  (29,000 faults, 0.4 s).
+  (≈27,000 faults, 0.4 s).
 Settings the user made (``MALLOC_*_`` variables, ``GLIBC_TUNABLES``) are left as they are.
 """
 
