@@ -36,14 +36,12 @@ from __future__ import annotations
 
 import io
 import re
-from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from vlmtag.images.encoded import EncodedImage
 from vlmtag.images.fetch import ImageError
 
-__all__ = ["ALLOWED_FORMATS", "MAX_SOURCE_PIXELS", "as_is", "check_geometry", "decode_error", "exif_orientation",
+__all__ = ["ALLOWED_FORMATS", "MAX_SOURCE_PIXELS", "check_geometry", "decode_error", "exif_orientation",
            "light_mime", "open_header", "read_header"]
 
 # Largest decoded image accepted (width * height), checked from the header before any pixel is decoded.
@@ -88,14 +86,6 @@ def read_header(
     im = open_header(raw, max_source_pixels)
     pad = check_geometry(*im.size, max_aspect_ratio, min_side, pad_to_aspect)
     return im, pad, None if reencode or pad else light_mime(raw, im, max_pixels)
-
-
-def as_is(raw: bytes, *, sha256: str, **options: Any) -> EncodedImage | None:
-    """``raw`` as it would be sent on the light path, or None when it needs ``prepare_image`` (same ``options``,
-    see ``read_header``); an ImageError when it cannot be sent at all."""
-    raw = bytes(raw)
-    im, _, mime = read_header(raw, **options)
-    return EncodedImage(raw, mime, im.size[0], im.size[1], sha256) if mime is not None else None
 
 
 def check_geometry(width: int, height: int, max_aspect_ratio: float | None, min_side: int, pad: bool) -> bool:

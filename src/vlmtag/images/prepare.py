@@ -48,6 +48,7 @@ __all__ = [
     "load_image",
     "max_pixels_for_short_side",
     "prepare_image",
+    "prepare_opened",
 ]
 
 JPEG_QUALITY = 90
@@ -109,12 +110,20 @@ def prepare_image(
     digest = sha256 or hashlib.sha256(raw).hexdigest()
     if mime is not None:
         return EncodedImage(raw, mime, im.size[0], im.size[1], digest)
+    return prepare_opened(raw, im, pad, digest, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio,
+                          budget=budget)
+
+
+def prepare_opened(raw: bytes, im: Image.Image, pad: bool, sha256: str, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                   max_aspect_ratio: float | None = None, budget: DecodeBudget | None = None) -> EncodedImage:
+    """``prepare_image``'s decoding, for an image whose header ``read_header`` has opened (``im``, ``pad``) and
+    found it needs decoding: the loader reads the header before it loads the codecs (this module)."""
     budget = budget or process_budget()
     if im.format in ("JPEG", "MPO") and not pad:
         done = _prepare_jpeg(raw, im, max_pixels, budget)
         if done is not None:
             data, width, height = done
-            return EncodedImage(data, "image/jpeg", width, height, digest)
+            return EncodedImage(data, "image/jpeg", width, height, sha256)
     with budget.reserve(_decoded_bytes(im, max_pixels)):
         arr = _decode_with_pillow(im, max_pixels)
     if pad:
@@ -122,7 +131,7 @@ def prepare_image(
         arr = _pad(arr, 0.98 * (max_aspect_ratio or 1.0))
         arr = _pad(_resize(arr, *target_size(arr.shape[1], arr.shape[0], max_pixels)), max_aspect_ratio or 1.0)
     data = _encode(arr)
-    return EncodedImage(data, "image/jpeg", arr.shape[1], arr.shape[0], digest)
+    return EncodedImage(data, "image/jpeg", arr.shape[1], arr.shape[0], sha256)
 
 
 def _pad(arr: np.ndarray, max_aspect_ratio: float) -> np.ndarray:

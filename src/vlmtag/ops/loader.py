@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, TypeVar, Union
 
 from vlmtag.images import EncodedImage, FetchLimits, ImageError, read_source
-from vlmtag.images.light import as_is
+from vlmtag.images.light import read_header
 from vlmtag.urls import is_remote, scheme_of
 
 T = TypeVar("T")
@@ -155,13 +155,14 @@ def _remote(source: Source, base_dir: str | None) -> bool:
 
 def _prepare(image: ImageBytes, max_pixels: int, geometry: dict[str, Any]) -> EncodedImage | str:
     try:
-        light = as_is(image.data, max_pixels=max_pixels, sha256=image.sha256, **geometry)
-        if light is not None:
-            return light
+        im, pad, mime = read_header(image.data, max_pixels=max_pixels, **geometry)
+        if mime is not None:  # the light path: sent as it is
+            return EncodedImage(image.data, mime, im.size[0], im.size[1], image.sha256)
         # NumPy, OpenCV and simplejpeg load with the first image that needs decoding (~0.2 s): a job of images
         # that all go as they are never pays for them
-        from vlmtag.images.prepare import prepare_image
+        from vlmtag.images.prepare import prepare_opened
 
-        return prepare_image(image.data, max_pixels=max_pixels, sha256=image.sha256, **geometry)
+        return prepare_opened(image.data, im, pad, image.sha256, max_pixels=max_pixels,
+                              max_aspect_ratio=geometry.get("max_aspect_ratio"))
     except ImageError as e:
         return str(e)
