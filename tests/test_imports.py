@@ -56,3 +56,17 @@ def test_the_api_engine_loads_its_http_client_when_it_starts_not_when_it_is_buil
     clients = ["aiohttp", "httpx"]
     assert loaded_after("import vlmtag.run\n" + build, clients) == []  # a run's first images load meanwhile
     assert loaded_after(build + "\nengine.start()\nengine.close()", clients) == ["aiohttp"]
+
+
+def test_the_command_loads_rich_only_to_print():
+    """A `vlmtag run` writing to a log prints nothing before its summary: rich is not loaded on the way to the
+    first request (the recipe, the run, the progress lines), only when the summary is printed."""
+    statement = (
+        "import vlmtag.cli, vlmtag.cli.run, vlmtag.run, vlmtag.summary, vlmtag.progress\n"
+        "from vlmtag.cli.console import LazyConsole\n"
+        "console = LazyConsole(soft_wrap=True)\n"
+        "with vlmtag.progress.progress_reporter(console, 10) as progress:\n"
+        "    assert progress is not None and not console.is_terminal\n"
+    )
+    assert loaded_after(statement, ["rich"]) == []
+    assert loaded_after(statement + "console.print('summary')", ["rich"]) == ["rich"]

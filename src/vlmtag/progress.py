@@ -6,12 +6,13 @@ import contextlib
 import os
 import sys
 import time
-from typing import Callable, Iterator, Sequence
-
-from rich.console import Console
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from vlmtag.urls import is_remote
 from vlmtag.stats import RunStats
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 LOG_EVERY_S = 30.0
 
@@ -55,8 +56,13 @@ def progress_reporter(console: Console, total_rows: int | None = None) -> Iterat
     start = time.perf_counter()
     if not console.is_terminal:
         last = [start]
+        preload = getattr(console, "preload", None)
 
         def log(s: RunStats) -> None:
+            nonlocal preload
+            if preload is not None:  # the run is under way: the summary's console gets built meanwhile
+                preload, build = None, preload
+                build()
             now = time.perf_counter()
             if now - last[0] >= LOG_EVERY_S:
                 last[0] = now
@@ -72,7 +78,7 @@ def progress_reporter(console: Console, total_rows: int | None = None) -> Iterat
 
     with Progress(SpinnerColumn(), TextColumn("rows {task.completed:,.0f}" + (f"/{total_rows:,}" if total_rows else "")),
                   BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), TextColumn("ETA"),
-                  TimeRemainingColumn(), console=console, transient=True) as bar:
+                  TimeRemainingColumn(), console=getattr(console, "rich", console), transient=True) as bar:
         task = bar.add_task("starting…", total=total_rows)
 
         def update(s: RunStats) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING
 
 from vlmtag.errors import EXIT_ABORTED, EXIT_INTERRUPTED, EXIT_OK
 from vlmtag.run import RunResult
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
 
 
 def exit_status(result: RunResult) -> int:
@@ -86,6 +89,8 @@ def render_dry_run(report, console: Console) -> None:
 
 def _table(rows: list[tuple[str, str]], title: str | None = None) -> Table:
     """Names in bold on the left, values right-aligned: the layout of every summary."""
+    from rich.table import Table
+
     table = Table(show_header=False, box=None, pad_edge=False, title=title, title_justify="left")
     table.add_column(style="bold")
     table.add_column(justify="right")

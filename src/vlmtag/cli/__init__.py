@@ -10,9 +10,8 @@ import os
 import shlex
 import sys
 
-from rich.console import Console
-
 from vlmtag import __version__
+from vlmtag.cli.console import LazyConsole
 from vlmtag.engines import EngineError
 from vlmtag.errors import EXIT_CONFIG, EXIT_INTERRUPTED, ConfigError
 COMMANDS = ("run", "tag", "report", "eval", "batch")  # modules vlmtag.cli.<name>
@@ -42,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args.command_line = shlex.join(["vlmtag", *argv])
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING,
                         format="vlmtag: %(levelname)s: %(message)s")
-    console = Console(quiet=args.quiet, soft_wrap=True)
+    console = LazyConsole(quiet=args.quiet, soft_wrap=True)
     try:
         return modules[args.command].run(args, console)
     except (ConfigError, EngineError) as e:

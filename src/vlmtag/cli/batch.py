@@ -7,11 +7,12 @@ import argparse
 import contextlib
 import sys
 import time
-from typing import Callable
-
-from rich.console import Console
+from typing import TYPE_CHECKING, Callable
 
 from vlmtag.errors import ConfigError
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 LOG_EVERY_S = 30.0
 

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING
 
 from vlmtag.atomic import write_text
 from vlmtag.errors import ConfigError
 from vlmtag.rowkeys import META_KEY
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def add_parser(sub) -> None:
@@ -52,6 +51,10 @@ def _f(x: float) -> str:
 
 
 def render(result, console: Console, top: int = 25) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+    from rich.text import Text
+
     c = result.counts
     micro, macro = result.scores.micro, result.scores.macro
     vocabulary = result.settings["vocabulary"]

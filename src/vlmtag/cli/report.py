@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
-
-from rich.console import Console
+from typing import TYPE_CHECKING
 
 from vlmtag.errors import ConfigError
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def add_parser(sub) -> None:

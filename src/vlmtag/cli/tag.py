@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
-
-from rich.console import Console
+from typing import TYPE_CHECKING
 
 from vlmtag.cli.batch import batch_flags, check_batch_flags
 from vlmtag.cli.run import add_job_flags, check_limit
 from vlmtag.defaults import DEFAULT_MODEL as DEFAULT_API_MODEL
 from vlmtag.errors import ConfigError
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 DEFAULT_QUICK_MODEL = "builtin:default"
 
