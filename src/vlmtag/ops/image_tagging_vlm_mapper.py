@@ -217,22 +217,27 @@ class ImageTaggingVLMMapper:
             return self._engine
 
     def setup(self) -> None:
-        """Build the engine now, so a bad setting fails before any data is read."""
+        """Build the engine now, so a bad setting fails before any data is read; an engine that streams starts
+        (its client, on the loader pool) while the run plans its batches and opens its cache."""
         if self._otherwise is None:  # settled (batch mode): no request will be sent, so no engine is needed
-            _ = self.engine
+            if self.engine.streams:
+                self._dispatch().start_engine()
 
     def attach_cache(self, cache: AnswerCache | None) -> None:
         self.cache = cache
 
     def close(self) -> None:
         with self._engine_lock:
-            if self._dispatcher is not None:
-                self._dispatcher.close()
-                self._dispatcher = None
-            if self._engine is not None:
-                self._engine.close()
-                self._engine = None
+            dispatcher, self._dispatcher = self._dispatcher, None
+        if dispatcher is not None:
+            dispatcher.close()
+        # The pool before the engine: an engine start still under way on it ends first. Not under the lock, which
+        # the pool's loaders take to reach the engine.
         self.loader.close()
+        with self._engine_lock:
+            engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.close()
 
     def spent(self) -> float:
         """What the answers so far cost, from the tokens the server reported (0 without prices)."""

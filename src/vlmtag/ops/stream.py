@@ -78,6 +78,7 @@ class Dispatcher:
         self._retries: list[tuple[float, int, _Batch, int]] = []  # heap of (when, tie-break, batch, key)
         self._tie = itertools.count()
         self._engine_state = _NOT_STARTED
+        self._closed = False
         self._engine_error: Exception | None = None  # why it could not start
         self._loaders = 0  # loader loops running
         self._loading = 0  # images being loaded
@@ -118,9 +119,19 @@ class Dispatcher:
             raise batch.failure
         return batch.errors
 
+    def start_engine(self) -> None:
+        """Start the engine now, on the loader pool, rather than with the first batch."""
+        with self._cond:
+            start = self._engine_state == _NOT_STARTED
+            if start:
+                self._engine_state = _STARTING
+        if start:
+            self._spawn(self._start_engine)
+
     def close(self) -> None:
         """End every batch still running with `RunAborted` (the engine is about to go)."""
         with self._cond:
+            self._closed = True
             self._abort = self._abort or RunAborted("the tagger was closed during the run")
             self._settle()
 
@@ -182,6 +193,9 @@ class Dispatcher:
         batch, so that it gets ready while the first images load. Until it is, prepared requests wait in line
         and the loaders go on; none of them blocks in `send`. An engine that cannot start (e.g. a CA bundle that
         is not there) stops this run and any later batch with why."""
+        with self._cond:
+            if self._closed:  # closed before the pool got here: nothing will be sent
+                return
         try:
             self._engine.start()
         except Exception as e:
