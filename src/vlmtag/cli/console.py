@@ -54,8 +54,13 @@ class LazyConsole:
         return self.rich.is_terminal
 
     def preload(self) -> None:
-        """Build the console on a daemon thread, now."""
-        threading.Thread(target=lambda: self.rich, name="vlmtag-console", daemon=True).start()
+        """Build the console, and load rich's tables (every summary is one), on a daemon thread, now."""
+
+        def load() -> None:
+            _ = self.rich
+            import rich.table  # noqa: F401
+
+        threading.Thread(target=load, name="vlmtag-console", daemon=True).start()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.rich, name)

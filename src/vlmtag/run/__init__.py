@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -98,21 +99,29 @@ def run_job(
         cache = SqliteAnswerCache(cache_path)
     pipeline.attach_cache(cache)
     started = time.perf_counter()
+    closing: threading.Thread | None = None
     try:
-        run = execute(pipeline, the_plan, job, executor, limit=limit, prepare_rows=prepare_rows,
-                      progress=progress, cache_path=cache_path if cache is not None else None)
+        try:
+            run = execute(pipeline, the_plan, job, executor, limit=limit, prepare_rows=prepare_rows,
+                          progress=progress, cache_path=cache_path if cache is not None else None)
+        finally:
+            pipeline.close()
+            if cache is not None:
+                # Its last close copies the write-ahead log into the database and syncs it (~10 ms, without the
+                # GIL): on a thread, while the export is written.
+                closing = threading.Thread(target=cache.close, name="vlmtag-cache-close")
+                closing.start()
+        stats = run.stats(pipeline)
+        if adjust_stats is not None:
+            adjust_stats(stats)
+        if run.aborted:  # finished batches stay checkpointed for the resume; no export, no stats file
+            stats.wall_seconds = time.perf_counter() - started
+            return _result(the_plan, job, stats, aborted=run.aborted, interrupted=run.interrupted)
+        stats = finalize(the_plan, job, pipeline, stats, dataset_label=dataset_label, started=started)
+        return _result(the_plan, job, stats)
     finally:
-        pipeline.close()
-        if cache is not None:
-            cache.close()
-    stats = run.stats(pipeline)
-    if adjust_stats is not None:
-        adjust_stats(stats)
-    if run.aborted:  # finished batches stay checkpointed for the resume; no export, no stats file
-        stats.wall_seconds = time.perf_counter() - started
-        return _result(the_plan, job, stats, aborted=run.aborted, interrupted=run.interrupted)
-    stats = finalize(the_plan, job, pipeline, stats, dataset_label=dataset_label, started=started)
-    return _result(the_plan, job, stats)
+        if closing is not None:
+            closing.join()
 
 
 def _finished_run(the_plan: Plan, job: Job) -> RunStats | None:
