@@ -10,6 +10,7 @@ import http.server
 import io
 import json
 import logging
+import os
 import threading
 
 import pytest
@@ -335,3 +336,29 @@ def test_an_engine_started_at_setup_is_gone_after_close(server, photo_dir):
     out = run_rows(op, [row("coffee.jpg", text="say: red-car street")], photo_dir)
     assert out[0]["__dj__meta__"]["image_tags"] == [["red-car", "street"]]
     assert not [t for t in threading.enumerate() if t.name == "vlmtag-api-engine"]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getscheduler"), reason="Linux scheduling policies")
+def test_image_work_runs_as_batch_and_the_engine_thread_does_not(server, photo_dir, monkeypatch):
+    """Preparing images is background work (SCHED_BATCH while a loader runs); the engine's event loop, which must
+    answer at once, keeps the default policy."""
+    from vlmtag.ops.loader import ImageLoader
+
+    seen = []
+    prepare_one = ImageLoader.prepare_one
+
+    def recording(self, image, max_pixels):
+        engine_threads = [t.native_id for t in threading.enumerate() if t.name == "vlmtag-api-engine"]
+        seen.append((os.sched_getscheduler(0), [os.sched_getscheduler(tid) for tid in engine_threads]))
+        return prepare_one(self, image, max_pixels)
+
+    monkeypatch.setattr(ImageLoader, "prepare_one", recording)
+    op = make_op(server)
+    try:
+        out = op.process_rows([row("coffee.jpg", text="say: cup"), row("rocket.jpg", text="say: rocket")],
+                              base_dir=str(photo_dir))
+    finally:
+        op.close()
+    assert [r["__dj__meta__"]["image_tags"] for r in out] == [[["cup"]], [["rocket"]]]
+    assert len(seen) == 2 and all(policy == os.SCHED_BATCH for policy, _ in seen)
+    assert all(engine == [os.SCHED_OTHER] for _, engine in seen if engine)

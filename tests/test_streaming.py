@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import http.server
 import io
+import os
 import threading
 import time
 
@@ -123,3 +124,28 @@ def test_reencode_images_changes_the_cache_key_only_when_set(server):
     plain, default, forced = (make_op(server), make_op(server, reencode_images=False),
                               make_op(server, reencode_images=True))
     assert plain.fingerprint == default.fingerprint != forced.fingerprint
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getscheduler"), reason="Linux scheduling policies")
+def test_batch_scheduling_is_scoped_and_leaves_a_chosen_policy_alone():
+    from vlmtag.ops.loader import batch_scheduling
+
+    def in_thread(fn):
+        out = []
+        t = threading.Thread(target=lambda: out.append(fn()))
+        t.start()
+        t.join()
+        return out[0]
+
+    def scoped():
+        with batch_scheduling():
+            inside = os.sched_getscheduler(0)
+        return inside, os.sched_getscheduler(0)
+
+    assert in_thread(scoped) == (os.SCHED_BATCH, os.SCHED_OTHER)
+
+    def chosen():  # a thread its user put on SCHED_IDLE (lowering a priority needs no privilege) stays there
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        return scoped()
+
+    assert in_thread(chosen) == (os.SCHED_IDLE, os.SCHED_IDLE)

@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 
 from vlmtag.engines import Engine, Request, Response
 from vlmtag.ops.fail_fast import RunAborted
+from vlmtag.ops.loader import batch_scheduling
 from vlmtag.ops.requests import RequestRunner, TakeAnswer
 
 #: Runs on a loader thread: for each image of a chunk (images of one batch), its requests still to ask, by key,
@@ -141,6 +142,10 @@ class Dispatcher:
         """A loader thread: images in order, while the look-ahead allows. Images that take well under a
         millisecond (small ones) are loaded a few at a time, which spares lock and thread hand-offs (and cache
         look-ups) that would cost more than the images themselves."""
+        with batch_scheduling():
+            self._load_while_room()
+
+    def _load_while_room(self) -> None:
         while True:
             with self._cond:
                 room = self._lookahead - self._loading - len(self._ready)
