@@ -323,16 +323,18 @@ def test_image_urls_that_fail_for_a_moment_are_fetched_again(server, photo_dir):
     assert hits["n"] == 2
 
 
-def test_an_engine_started_at_setup_is_gone_after_close(server, photo_dir):
-    """setup starts the API client in the background; a tagger closed at once (before or during that start)
-    leaves no client thread behind, and one set up again tags as before."""
+def test_an_engine_started_early_is_gone_after_close(server, photo_dir):
+    """`start` (what a run calls after `setup`) starts the API client in the background; a tagger closed at once
+    (before or during that start) leaves no client thread behind, and one started again tags as before."""
     for _ in range(3):
         op = make_op(server)
         op.setup()
+        op.start()
         op.close()
         assert not [t for t in threading.enumerate() if t.name == "vlmtag-api-engine"]
     op = make_op(server)
     op.setup()
+    op.start()
     out = run_rows(op, [row("coffee.jpg", text="say: red-car street")], photo_dir)
     assert out[0]["__dj__meta__"]["image_tags"] == [["red-car", "street"]]
     assert not [t for t in threading.enumerate() if t.name == "vlmtag-api-engine"]

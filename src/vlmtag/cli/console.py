@@ -63,6 +63,8 @@ class LazyConsole:
         threading.Thread(target=load, name="vlmtag-console", daemon=True).start()
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # not the console's public surface (and copy/pickle probes before __init__)
+            raise AttributeError(name)
         return getattr(self.rich, name)
 
 

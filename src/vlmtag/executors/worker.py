@@ -57,6 +57,7 @@ class OpWorker:
             self.pipeline.attach_cache(self.cache)
         try:
             self.pipeline.setup()
+            self.pipeline.start()
         except BaseException:
             self.close()
             raise

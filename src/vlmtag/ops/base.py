@@ -35,7 +35,10 @@ class Resources:
 
 @runtime_checkable
 class Operator(Protocol):
-    """A step that takes a batch of rows and gives back the same rows, in order, with its fields set."""
+    """A step that takes a batch of rows and gives back the same rows, in order, with its fields set.
+
+    Optional: `start()`, called after `setup` in a process that will run batches, begins in the background what
+    the first batch would otherwise wait for (the API engine's client)."""
 
     name: str
     spec: OpSpec
@@ -128,6 +131,13 @@ class Pipeline:
     def setup(self) -> None:
         for op in self.ops:
             op.setup()
+
+    def start(self) -> None:
+        """Each operator's optional `start` (see `Operator`)."""
+        for op in self.ops:
+            start = getattr(op, "start", None)
+            if start is not None:
+                start()
 
     def close(self) -> None:
         for op in self.ops:

@@ -217,11 +217,15 @@ class ImageTaggingVLMMapper:
             return self._engine
 
     def setup(self) -> None:
-        """Build the engine now, so a bad setting fails before any data is read; an engine that streams starts
-        (its client, on the loader pool) while the run plans its batches and opens its cache."""
+        """Build the engine now, so a bad setting fails before any data is read."""
         if self._otherwise is None:  # settled (batch mode): no request will be sent, so no engine is needed
-            if self.engine.streams:
-                self._dispatch().start_engine()
+            _ = self.engine
+
+    def start(self) -> None:
+        """Start an engine that streams (its client, on the loader pool) now, while the run plans its batches
+        and opens its cache, rather than with the first batch."""
+        if self._otherwise is None and self.engine.streams:
+            self._dispatch().start_engine()
 
     def attach_cache(self, cache: AnswerCache | None) -> None:
         self.cache = cache

@@ -143,10 +143,13 @@ def _finished_run(the_plan: Plan, job: Job) -> RunStats | None:
 
 def _set_up(pipeline: Pipeline, executor: Executor) -> None:
     """Build the engines now, so bad settings fail before any data is read; but never load a local model into
-    the driver when the executor's workers load their own (that memory, or GPU, would be wasted)."""
+    the driver when the executor's workers load their own (that memory, or GPU, would be wasted). Engines start
+    only where batches run: here, unless the executor's workers build their own operators."""
     for op in pipeline:
         if not (executor.builds_own_ops and op.resources.local_model):
             op.setup()
+    if not executor.builds_own_ops:
+        pipeline.start()
 
 
 def _result(the_plan: Plan, job: Job, stats: RunStats, **status: object) -> RunResult:
