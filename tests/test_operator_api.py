@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import threading
+import time
 
 import pytest
 from PIL import Image
@@ -323,7 +324,7 @@ def test_image_urls_that_fail_for_a_moment_are_fetched_again(server, photo_dir):
     assert hits["n"] == 2
 
 
-def test_an_engine_started_early_is_gone_after_close(server, photo_dir):
+def test_an_engine_started_early_is_gone_after_close(server, photo_dir, monkeypatch):
     """`start` (what a run calls after `setup`) starts the API client in the background; a tagger closed at once
     (before or during that start) leaves no client thread behind, and one started again tags as before."""
     for _ in range(3):
@@ -332,6 +333,18 @@ def test_an_engine_started_early_is_gone_after_close(server, photo_dir):
         op.start()
         op.close()
         assert not [t for t in threading.enumerate() if t.name == "vlmtag-api-engine"]
+    # a start still under way when close comes (slowed here): close waits for it, then closes what it started
+    from vlmtag.engines.api import ApiEngine
+
+    start = ApiEngine.start
+    monkeypatch.setattr(ApiEngine, "start", lambda self: (time.sleep(0.3), start(self)))
+    op = make_op(server)
+    op.setup()
+    op.start()
+    time.sleep(0.05)  # the pool has taken the start
+    op.close()
+    assert not [t for t in threading.enumerate() if t.name == "vlmtag-api-engine"]
+    monkeypatch.undo()
     op = make_op(server)
     op.setup()
     op.start()
@@ -359,8 +372,12 @@ def test_image_work_runs_as_batch_and_the_engine_thread_does_not(server, photo_d
     try:
         out = op.process_rows([row("coffee.jpg", text="say: cup"), row("rocket.jpg", text="say: rocket")],
                               base_dir=str(photo_dir))
+        # the engine's thread lives until close: its policy, whether or not it existed while images loaded
+        engine_after = [os.sched_getscheduler(t.native_id) for t in threading.enumerate()
+                        if t.name == "vlmtag-api-engine"]
     finally:
         op.close()
+    assert engine_after == [os.SCHED_OTHER]
     assert [r["__dj__meta__"]["image_tags"] for r in out] == [[["cup"]], [["rocket"]]]
     assert len(seen) == 2 and all(policy == os.SCHED_BATCH for policy, _ in seen)
     assert all(engine == [os.SCHED_OTHER] for _, engine in seen if engine)

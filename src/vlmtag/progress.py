@@ -61,8 +61,8 @@ def progress_reporter(console: Console, total_rows: int | None = None) -> Iterat
         def log(s: RunStats) -> None:
             nonlocal preload
             if preload is not None:  # the run is under way: the summary's console gets built meanwhile
-                preload, build = None, preload
-                build()
+                preload()
+                preload = None
             now = time.perf_counter()
             if now - last[0] >= LOG_EVERY_S:
                 last[0] = now

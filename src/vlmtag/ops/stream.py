@@ -121,13 +121,10 @@ class Dispatcher:
         return batch.errors
 
     def start_engine(self) -> None:
-        """Start the engine now, on the loader pool, rather than with the first batch."""
+        """Start the engine now, on the loader pool, rather than with the first batch (`_step` asks for it)."""
         with self._cond:
-            start = self._engine_state == _NOT_STARTED
-            if start:
-                self._engine_state = _STARTING
-        if start:
-            self._spawn(self._start_engine)
+            go = self._step()
+        self._go(*go)
 
     def close(self) -> None:
         """End every batch still running with `RunAborted` (the engine is about to go)."""
