@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import subprocess
 import sys
 import weakref
@@ -55,3 +56,19 @@ def test_the_console_script_starts_with_the_collector_off():
     code = ("import gc, vlmtag.cli as cli; cli.main = lambda: print(gc.isenabled(), flush=True) or 3; cli.entry()")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert (done.stdout, done.returncode) == ("False\n", 3)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_child_forked_during_start_up_collects(collector_state):
+    timer = pause_collector(60)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its collector must be on, or nothing would ever turn it on
+        os.write(write, b"1" if gc.isenabled() else b"0")
+        os._exit(0)
+    os.close(write)
+    answer = os.read(read, 1)
+    os.close(read)
+    os.waitpid(pid, 0)
+    timer.cancel()
+    assert (answer, gc.isenabled()) == (b"1", False)

@@ -61,8 +61,10 @@ def pause_collector(seconds: float = START_UP_S) -> threading.Timer:
     Start-up makes ~110,000 objects that live as long as the process (modules, classes, pydantic's validators,
     aiohttp, NumPy): the collector traverses them over and over while they are being made, ~170 passes holding
     the GIL for ~85 ms of a job's first 0.8 s here, the time its first requests wait. Start-up's garbage cycles
-    (~2,000 objects) are all it leaves behind."""
+    (~2,000 objects) are all it leaves behind. A process forked meanwhile gets its collector back at once (the
+    timer's thread is not forked with it)."""
     gc.disable()
+    os.register_at_fork(after_in_child=resume_collector)
     timer = threading.Timer(seconds, resume_collector)
     timer.daemon = True
     timer.start()
