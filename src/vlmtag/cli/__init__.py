@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def pause_collector(seconds: float = START_UP_S) -> threading.Timer:
-    """The cyclic garbage collector off for the first `seconds` of the process, then `resume_collector`.
+    """The cyclic garbage collector off for `seconds` (the console script calls this first), then
+    `resume_collector`.
 
     Start-up makes ~110,000 objects that live as long as the process (modules, classes, pydantic's validators,
     aiohttp, NumPy): the collector traverses them over and over while they are being made, ~170 passes holding
