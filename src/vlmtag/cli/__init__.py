@@ -65,7 +65,8 @@ def pause_collector(seconds: float = START_UP_S) -> threading.Timer:
     (~2,000 objects) are all it leaves behind. A process forked meanwhile gets its collector back at once (the
     timer's thread is not forked with it)."""
     gc.disable()
-    os.register_at_fork(after_in_child=resume_collector)
+    if hasattr(os, "register_at_fork"):  # POSIX only
+        os.register_at_fork(after_in_child=resume_collector)
     timer = threading.Timer(seconds, resume_collector)
     timer.daemon = True
     timer.start()
