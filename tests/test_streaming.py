@@ -24,20 +24,21 @@ def png_bytes(i: int, size=(48, 32)) -> bytes:
 
 
 class SlowImages(http.server.BaseHTTPRequestHandler):
-    """Serves /slow.png after `release` is set (or 5 s)."""
+    """Serves /slow.png after `release` is set (or 20 s: a stalled test machine must not serve it early; the
+    client's read timeout is 30 s)."""
 
     release: threading.Event
     served_at: list[float]
 
     def do_GET(self):  # noqa: N802 (http.server's name)
-        self.release.wait(5)
+        self.release.wait(20)
+        self.served_at.append(time.monotonic())  # before the write: the client may ask with it at once
         body = png_bytes(99)
         self.send_response(200)
         self.send_header("Content-Type", "image/png")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
-        self.served_at.append(time.monotonic())
 
     def log_message(self, *args):
         pass
@@ -62,7 +63,7 @@ def test_requests_leave_while_a_slow_image_of_the_same_batch_is_still_downloadin
     def behaviour(body, attempt):
         asked.append(time.monotonic())
         if len(asked) == 6:
-            handler.release.set()  # the slow image is held back until six requests came (or for 5 s)
+            handler.release.set()  # the slow image is held back until six requests came (or 20 s)
         return say(body, attempt)
 
     server.behaviour = behaviour
