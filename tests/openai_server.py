@@ -95,7 +95,8 @@ class Reply:
 
     `content` is the assistant message text (200 only; None = the image's normal answer);
     `body` replaces the whole response body (dict/list → JSON, str/bytes → as is);
-    `delay` seconds before answering; `drop` closes the connection without answering.
+    `delay` seconds before answering (or until `until` is set, if that comes first); `drop` closes the
+    connection without answering.
     """
 
     status: int = 200
@@ -103,6 +104,7 @@ class Reply:
     body: Any = None
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
+    until: threading.Event | None = None
     drop: bool = False
     usage: dict[str, int] | None = None
 
@@ -155,9 +157,10 @@ class Reply:
         return cls.error(401, message, type_="invalid_api_key")
 
     @classmethod
-    def slow(cls, seconds: float, then: "Reply | None" = None) -> "Reply":
+    def slow(cls, seconds: float, then: "Reply | None" = None, *, until: threading.Event | None = None) -> "Reply":
+        """`then` (the image's normal answer by default) after `seconds`, or once `until` is set if sooner."""
         reply = then or cls()
-        reply.delay = seconds
+        reply.delay, reply.until = seconds, until
         return reply
 
     @classmethod
@@ -325,6 +328,9 @@ class _Connection(asyncio.Protocol):
         server = self.server
         try:
             delay = (reply.delay if reply is not None else 0.0)
+            if reply is not None and reply.until is not None:  # held until the test says so (or `delay`)
+                await server._loop.run_in_executor(None, reply.until.wait, delay)
+                delay = 0.0
             if server.slots is not None:
                 async with server._slot_sem:
                     await asyncio.sleep(server.latency + delay)

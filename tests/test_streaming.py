@@ -79,30 +79,34 @@ def test_requests_leave_while_a_slow_image_of_the_same_batch_is_still_downloadin
 
 
 def test_a_retry_does_not_wait_for_the_slowest_request_of_its_batch(server):
-    """Rounds would send the retry only once every first attempt is back, the slow one included."""
+    """Rounds would send the retry only once every first attempt is back, the slow one included. The slow answer
+    is held until the retry comes (or 20 s, so a stalled machine does not fail the test)."""
     asked: dict[str, list[float]] = {}
+    retried = threading.Event()
 
     def behaviour(body, attempt):
         text = str(body)
         word = "flaky" if "flaky" in text else "slow" if "slow" in text else "other"
         asked.setdefault(word, []).append(time.monotonic())
-        if word == "flaky" and attempt == 1:
-            return Reply.server_error(503)
+        if word == "flaky":
+            if attempt == 1:
+                return Reply.server_error(503)
+            retried.set()
         if word == "slow":
-            return Reply.slow(2.0, then=Reply.tags(["slow"]))
+            return Reply.slow(20.0, then=Reply.tags(["slow"]), until=retried)
         return say(body, attempt)
 
     server.behaviour = behaviour
     rows = [{"image_bytes": [png_bytes(0)], "images": ["s.png"], "text": "say: slow"},
             {"image_bytes": [png_bytes(1)], "images": ["f.png"], "text": "say: flaky"}]
-    op = make_op(server, concurrency=4)
+    op = make_op(server, concurrency=4, model_params={"base_url": server.base_url, "api_key": "k", "timeout": 60})
     try:
         out = op.process_rows(rows)
     finally:
         op.close()
     assert [r["__dj__meta__"]["image_tags"] for r in out] == [[["slow"]], [["flaky"]]]
-    assert len(asked["flaky"]) == 2
-    assert asked["flaky"][1] - asked["slow"][0] < 1.0  # the retry went while the slow request was out
+    assert (len(asked["slow"]), len(asked["flaky"])) == (1, 2)
+    assert asked["flaky"][1] - asked["slow"][0] < 20.0  # the retry went while the slow request was out
 
 
 @pytest.mark.parametrize(("reencode", "mime"), [(False, "image/png"), (True, "image/jpeg")])
