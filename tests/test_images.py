@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import io
+import os
 import struct
 import threading
 import zlib
@@ -328,6 +329,35 @@ def test_missing_file_and_directory_are_reported(tmp_path):
 def test_file_over_max_bytes_is_refused_before_reading(photo_dir):
     with pytest.raises(ImageError, match="too large: .* exceeds the limit of 1000 bytes"):
         read_source(str(photo_dir / "astronaut.jpg"), limits=FetchLimits(max_bytes=1000))
+
+
+def test_a_file_that_grew_after_its_size_was_read_is_read_whole_and_still_bounded(photo_dir, monkeypatch):
+    path = photo_dir / "astronaut.jpg"
+    whole = path.read_bytes()
+    real_fstat = os.fstat
+
+    def stale_fstat(fd):  # the size as it was before a writer appended the rest
+        st = real_fstat(fd)
+        return os.stat_result((st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid, st.st_gid, 100,
+                               st.st_atime, st.st_mtime, st.st_ctime))
+
+    monkeypatch.setattr(os, "fstat", stale_fstat)
+    assert read_source(str(path)) == whole
+    with pytest.raises(ImageError, match="too large: .*exceeds the limit of 1000 bytes"):
+        read_source(str(path), limits=FetchLimits(max_bytes=1000))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes")
+def test_a_named_pipe_is_read_to_its_end(tmp_path, photo_dir):
+    whole = (photo_dir / "astronaut.jpg").read_bytes()
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=fifo.write_bytes, args=(whole,))
+    writer.start()
+    try:
+        assert read_source("photo.jpg", base_dir=str(tmp_path)) == whole
+    finally:
+        writer.join(timeout=10)
 
 
 @pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://example.com/a.jpg", "s3://bucket/a.jpg"])
