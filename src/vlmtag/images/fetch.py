@@ -171,9 +171,8 @@ def _read_file(source: str, base_dir: str | None, limits: FetchLimits) -> bytes:
 def _read_regular(path: str, source: str, named: str, limits: FetchLimits) -> bytes:
     """`_read_bounded` for a local path, by file descriptor: open, fstat, one read and close, where a buffered file
     object makes eight system calls. Each call lets go of the GIL, and with the API engine's thread busy, taking
-    it back is what a small image's read costs (2,048 files of 1-1.5 KB beside a thread polling epoll: 81-91 µs
-    a file this way, 125-164 µs through `open`). Anything but a regular file (a FIFO, a device) goes through
-    `_read_bounded`."""
+    it back is most of what a small image's read costs (benchmarks/read_contention.py: 1.6-2.2× faster this
+    way). Anything but a regular file (a FIFO, a device) goes through `_read_bounded`."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
     except FileNotFoundError:
