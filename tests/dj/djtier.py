@@ -89,7 +89,7 @@ def make_dataset(root: Path) -> Dataset:
 
 def tagger_args(server: OpenAIServer, tmp_path: Path, **extra) -> dict:
     args = {"api_or_hf_model": "test-model", "is_api_model": True,
-            "model_params": {"base_url": server.base_url, "api_key": "${VLMTAG_TEST_KEY}", "timeout": 10},
+            "model_params": {"base_url": server.base_url, "api_key": "${VLMTAG_TEST_KEY}", "timeout": 60},
             "retry_backoff": 0.01, "batch_size": 2, "cache_path": str(tmp_path / "answers.sqlite")}
     args.update(extra)
     return args
