@@ -163,12 +163,12 @@ def _read_file(source: str, base_dir: str | None, limits: FetchLimits) -> bytes:
         path = os.path.join(base, path)
         where = f" (in {base})"
     try:
-        return _read_regular(path, source, f"{source}{where}", limits)
+        return _read_local(path, source, f"{source}{where}", limits)
     except OSError as e:
         raise ImageError(f"cannot read {source}{where}: {e.strerror or e}") from None
 
 
-def _read_regular(path: str, source: str, named: str, limits: FetchLimits) -> bytes:
+def _read_local(path: str, source: str, named: str, limits: FetchLimits) -> bytes:
     """`_read_bounded` for a local path, by file descriptor: open, fstat, one read and close, where a buffered file
     object makes eight system calls. Each call lets go of the GIL, and with the API engine's thread busy, taking
     it back is most of what a small image's read costs (benchmarks/read_contention.py: 1.6-2.2× faster this
