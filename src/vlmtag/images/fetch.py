@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import os
 import re
 import stat
@@ -119,8 +120,13 @@ def _read_fsspec(url: str, source: str, limits: FetchLimits) -> bytes:
     except ImportError:
         raise ImageError(f"reading {scheme_of(url)}:// needs fsspec (pip install 'vlmtag[remote]')") from None
     shown = redact_url(url)
+
+    def read() -> bytes:
+        with fsspec.open(url, "rb") as f:
+            return _read_stream(f, source, limits)
+
     try:
-        return _read_bounded(lambda: fsspec.open(url, "rb"), source, shown, limits)
+        return _read_bounded(read, source, shown, limits)
     except ImageError:
         raise
     except ImportError as e:  # the scheme's backend (s3fs, gcsfs, ...) is missing
@@ -163,60 +169,54 @@ def _read_file(source: str, base_dir: str | None, limits: FetchLimits) -> bytes:
         path = os.path.join(base, path)
         where = f" (in {base})"
     try:
-        return _read_local(path, source, f"{source}{where}", limits)
+        return _read_bounded(lambda: _read_path(path, source, limits), source, f"{source}{where}", limits)
     except OSError as e:
         raise ImageError(f"cannot read {source}{where}: {e.strerror or e}") from None
 
 
-def _read_local(path: str, source: str, named: str, limits: FetchLimits) -> bytes:
-    """`_read_bounded` for a local path, by file descriptor: open, fstat, one read and close, where a buffered file
-    object makes eight system calls. Each call lets go of the GIL, and with the API engine's thread busy, taking
-    it back is most of what a small image's read costs (benchmarks/read_contention.py: 1.6-2.2× faster this
-    way). Anything but a regular file (a FIFO, a device) goes through `_read_bounded`."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
-    except FileNotFoundError:
-        raise ImageError(f"file not found: {named}") from None
-    except IsADirectoryError:
-        raise ImageError(f"is a directory, not an image file: {named}") from None
-    except PermissionError:  # Windows says this of a directory too
-        raise ImageError(("is a directory, not an image file: " if os.path.isdir(path) else "permission denied: ")
-                         + named) from None
+def _read_path(path: str, source: str, limits: FetchLimits) -> bytes:
+    """A local file's bytes, by file descriptor: open, fstat, one read and close, where a buffered file object
+    makes eight system calls. Each call lets go of the GIL, and with the API engine's thread busy, taking it back
+    is most of what a small image's read costs (benchmarks/read_contention.py: 1.6-2.2× faster this way).
+    Anything but a regular file (a FIFO, a device) is read as a stream."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
     try:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
-            raise ImageError(f"is a directory, not an image file: {named}")
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
         if not stat.S_ISREG(st.st_mode):
-            return _read_bounded(lambda: os.fdopen(fd, "rb", closefd=False), source, named, limits)
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                return _read_stream(f, source, limits)
         if st.st_size > limits.max_bytes:
             raise ImageError(_too_large(st.st_size, limits, f"file {source}"))
         data = os.read(fd, st.st_size + 1)
         if len(data) != st.st_size:  # it changed since fstat (or the read came short): on to its end, bounded
             with os.fdopen(fd, "rb", closefd=False) as f:
                 data += f.read(limits.max_bytes + 1 - len(data))
+        return data
     finally:
         os.close(fd)
-    if len(data) > limits.max_bytes:
-        raise ImageError(_too_large(None, limits, f"file {source}"))
-    if not data:
-        raise ImageError(f"empty file: {named}")
+
+
+def _read_stream(f: IO[bytes], source: str, limits: FetchLimits) -> bytes:
+    """The bytes of open file `f`, refused past `limits.max_bytes` from its size when it tells, else by counting."""
+    size = _declared_size(f)
+    if size is not None and size > limits.max_bytes:
+        raise ImageError(_too_large(size, limits, f"file {source}"))
+    # bounded even for files whose size does not tell; sized when it does (a read of max_bytes would map and unmap
+    # that much memory for every small file), and on to the bound should the file have grown
+    data = f.read((size if size is not None else limits.max_bytes) + 1)
+    if size is not None and len(data) > size:
+        data += f.read(limits.max_bytes + 1 - len(data))
     return data
 
 
-def _read_bounded(open_file: Callable[[], IO[bytes]], source: str, named: str, limits: FetchLimits) -> bytes:
-    """The bytes of the file `open_file()` opens, refused past `limits.max_bytes` (from its size when it tells,
-    else by counting); `named` says which file in messages. A missing, directory or forbidden file is an
-    ImageError here; other failures are left to the caller to word."""
+def _read_bounded(read: Callable[[], bytes], source: str, named: str, limits: FetchLimits) -> bytes:
+    """What `read()` reads (`_read_path`, `_read_stream`), checked: within `limits.max_bytes`, not empty; `named`
+    says which file in messages. A missing, directory or forbidden file is an ImageError here; other failures are
+    left to the caller to word."""
     try:
-        with open_file() as f:
-            size = _declared_size(f)
-            if size is not None and size > limits.max_bytes:
-                raise ImageError(_too_large(size, limits, f"file {source}"))
-            # bounded even for files whose size does not tell; sized when it does (a read of max_bytes would map and
-            # unmap that much memory for every small file), and on to the bound should the file have grown
-            data = f.read((size if size is not None else limits.max_bytes) + 1)
-            if size is not None and len(data) > size:
-                data += f.read(limits.max_bytes + 1 - len(data))
+        data = read()
     except FileNotFoundError:
         raise ImageError(f"file not found: {named}") from None
     except IsADirectoryError:
